@@ -1,0 +1,332 @@
+"""`pk.Sparse`: one-shot weight sparsity (magnitude / Wanda / SparseGPT, unstructured or N:M, optional OWL).
+
+    res = pk.prune(model, pk.Sparse(sparsity=0.5, method="wanda", pattern="2:4"), data=calibration_batches)
+
+Weights are not removed, they are zeroed through mask parametrizations (see masks.py), so the model keeps
+its shapes and can be fine-tuned with the zeros held in place; `pk.sparse.bake(model)` (or `bake=True`)
+turns the masks into plain zero-filled weights. Data-aware methods run the calibration engine in
+prunekit.calibrate block by block.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..api import PruneResult
+from ..calibrate import as_batches, find_blocks, run_layerwise, run_whole
+from ..config import Config, ConfigError, check_type, register_config, register_handler
+from .algorithms import (InputStats, magnitude_mask, outlier_ratio, owl_block_sparsity, parse_pattern,
+                         sparsegpt_prune, wanda_mask, wanda_scores)
+from .masks import apply_mask, bake, is_linear_like, sparsity_stats, weight_2d
+
+log = logging.getLogger("prunekit.sparse")
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+PIPELINES = ("layerwise", "whole")
+# Default exclusions: the output head and anything embedding-like (their rows are looked up, not summed).
+_DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"embed")
+
+
+@register_config
+@dataclasses.dataclass
+class Sparse(Config):
+    """Zero a fraction of the weights of linear layers.
+
+    sparsity    fraction of zeros per layer, in [0, 1). For N:M patterns it must equal 1 - N/M.
+    method      "magnitude" (|W|, no data), "wanda" (|W| * input norm, per output row) or "sparsegpt"
+                (OBS reconstruction of the kept weights from the input Hessian). Wanda/SparseGPT need `data=`.
+    pattern     "unstructured" or "N:M" (keep N of every M consecutive input weights, e.g. "2:4").
+    targets     regexes (re.search on module names) selecting linear layers; default: every nn.Linear /
+                Conv1D except lm_head, embeddings and weights tied to the input embedding.
+    ignore      regexes of module names to leave dense.
+    owl         outlier-weighted layerwise sparsity: blocks with more activation outliers get lower sparsity,
+                spread over [s - owl_lambda, s + owl_lambda], mean exactly s. owl_m: outlier threshold as a
+                multiple of the mean Wanda score.
+    dampening   SparseGPT: fraction of the mean Hessian diagonal added to it. blocksize: columns per lazy update.
+    sequential  feed each pruned block's outputs to the next block (errors get compensated downstream).
+    pipeline    "layerwise" (block by block, low memory) or "whole" (one forward with hooks everywhere,
+                statistics of the dense model; needs sequential=False).
+    bake        remove the mask parametrizations at the end, leaving plain weights with zeros.
+    """
+    sparsity: float = 0.5
+    method: str = "magnitude"
+    pattern: str = "unstructured"
+    targets: Optional[List[str]] = None
+    ignore: Sequence[str] = ()
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    dampening: float = 0.01
+    blocksize: int = 128
+    sequential: bool = True
+    bake: bool = False
+    pipeline: str = "layerwise"
+
+    def __post_init__(self):
+        o = "Sparse"
+        check_type(o, "sparsity", self.sparsity, (int, float), "a number in [0, 1)")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            raise ConfigError(f"{o}.sparsity must be in [0, 1) (the fraction of weights set to zero), got {self.sparsity!r}")
+        self.sparsity = float(self.sparsity)
+        if self.method not in METHODS:
+            raise ConfigError(f"{o}.method must be one of {METHODS}, got {self.method!r}")
+        try:
+            nm = parse_pattern(self.pattern)
+        except ValueError as e:
+            raise ConfigError(f"{o}.pattern: {e}") from None
+        if nm is not None:
+            implied = 1.0 - nm[0] / nm[1]
+            if abs(self.sparsity - implied) > 1e-9:
+                raise ConfigError(f"{o}.sparsity={self.sparsity} does not match pattern {self.pattern!r}, which keeps "
+                                  f"{nm[0]} of every {nm[1]} weights (sparsity {implied:g}); set sparsity={implied:g}")
+            if self.owl:
+                raise ConfigError(f"{o}.owl distributes unstructured sparsity across blocks; it cannot be combined "
+                                  f"with pattern {self.pattern!r}. Use pattern='unstructured' or owl=False")
+        for field in ("targets", "ignore"):
+            value = getattr(self, field)
+            if value is None and field == "targets":
+                continue
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{o}.{field} must be a list of regex strings, got {value!r}")
+            for rx in value:
+                if not isinstance(rx, str):
+                    raise ConfigError(f"{o}.{field} must contain regex strings, got {rx!r}")
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise ConfigError(f"{o}.{field}: invalid regex {rx!r}: {e}") from None
+        if self.targets is not None and not self.targets:
+            raise ConfigError(f"{o}.targets is an empty list, so nothing would be pruned; use None for the default")
+        for field in ("owl", "sequential", "bake"):
+            check_type(o, field, getattr(self, field), bool, "True or False")
+        check_type(o, "owl_lambda", self.owl_lambda, (int, float), "a number")
+        check_type(o, "owl_m", self.owl_m, (int, float), "a number")
+        check_type(o, "dampening", self.dampening, (int, float), "a number")
+        check_type(o, "blocksize", self.blocksize, int, "a positive int")
+        if self.owl and not (0.0 <= self.owl_lambda <= self.sparsity and self.sparsity + self.owl_lambda < 1.0):
+            raise ConfigError(f"{o}.owl_lambda={self.owl_lambda} must keep every block's sparsity in [0, 1): need "
+                              f"0 <= owl_lambda <= sparsity ({self.sparsity}) and sparsity + owl_lambda < 1")
+        if self.owl_m <= 0:
+            raise ConfigError(f"{o}.owl_m must be > 0 (outliers are scores above owl_m x mean), got {self.owl_m!r}")
+        if self.dampening < 0:
+            raise ConfigError(f"{o}.dampening must be >= 0, got {self.dampening!r}")
+        if self.blocksize < 1:
+            raise ConfigError(f"{o}.blocksize must be >= 1, got {self.blocksize!r}")
+        if self.pipeline not in PIPELINES:
+            raise ConfigError(f"{o}.pipeline must be one of {PIPELINES}, got {self.pipeline!r}")
+        if self.pipeline == "whole" and self.sequential:
+            raise ConfigError(f"{o}.pipeline='whole' collects all statistics from the dense model in one pass, so it "
+                              f"cannot feed pruned outputs forward; set sequential=False or pipeline='layerwise'")
+        if self.ignore is not None:
+            self.ignore = list(self.ignore)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "magnitude" or self.owl
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+def select_targets(model: nn.Module, cfg: Sparse) -> List[str]:
+    """Names of the linear layers `cfg` prunes, in module order. Raises ConfigError if a `targets` regex
+    matches no linear layer or nothing is left to prune."""
+    linear = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    tied = set()
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and isinstance(getattr(emb, "weight", None), torch.Tensor):
+        tied = {n for n, m in linear if m.weight is emb.weight}
+    if cfg.targets is None:
+        chosen = [n for n, _ in linear if n not in tied and not any(re.search(rx, n) for rx in _DEFAULT_IGNORE)]
+    else:
+        chosen = []
+        for rx in cfg.targets:
+            if not any(re.search(rx, n) for n, _ in linear):
+                sample = ", ".join(n for n, _ in linear[:4])
+                raise ConfigError(f"Sparse.targets: regex {rx!r} matches no linear layer of {type(model).__name__} "
+                                  f"(linear layers look like: {sample})")
+        chosen = [n for n, _ in linear if any(re.search(rx, n) for rx in cfg.targets)]
+    chosen = [n for n in chosen if not any(re.search(rx, n) for rx in cfg.ignore)]
+    if not chosen:
+        raise ConfigError(f"Sparse: no linear layer of {type(model).__name__} is left to prune after targets="
+                          f"{cfg.targets!r} and ignore={list(cfg.ignore)!r}")
+    return chosen
+
+
+def _check_nm_shapes(model: nn.Module, names: List[str], pattern: str) -> None:
+    nm = parse_pattern(pattern)
+    if nm is None:
+        return
+    modules = dict(model.named_modules())
+    bad = [f"{n} (in_features={weight_2d(modules[n]).shape[1]})" for n in names
+           if weight_2d(modules[n]).shape[1] % nm[1]]
+    if bad:
+        raise ConfigError(f"Sparse.pattern={pattern!r} groups input weights by {nm[1]}, but these layers' input size is "
+                          f"not divisible by {nm[1]}: {', '.join(bad[:5])}; add them to ignore=[...]")
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+
+def _prune_layer(module: nn.Module, cfg: Sparse, sparsity: float, stats: Optional[InputStats]) -> None:
+    """Choose the mask (and for SparseGPT new weights) of one layer and install it."""
+    W = weight_2d(module).detach()                                          # (out, in)
+    if cfg.method == "magnitude":
+        apply_mask(module, magnitude_mask(W, sparsity, cfg.pattern))
+    elif cfg.method == "wanda":
+        apply_mask(module, wanda_mask(W, stats.sq_norm.to(W.device), sparsity, cfg.pattern))
+    else:
+        new_W, keep = sparsegpt_prune(W, stats.H, sparsity, cfg.pattern, cfg.blocksize, cfg.dampening)
+        apply_mask(module, keep, new_W)
+
+
+def _attach_stats(modules: Dict[str, nn.Module], names: List[str], hessian: bool, norms: bool):
+    """Forward pre-hooks feeding each named layer's input into an InputStats. Returns (stats, handles)."""
+    stats, handles = {}, []
+    for n in names:
+        mod = modules[n]
+        W = weight_2d(mod)
+        st = stats[n] = InputStats(W.shape[1], hessian=hessian, norms=norms, device=W.device)
+
+        def hook(_m, args, kwargs, st=st):
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            st.add_batch(x)
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    return stats, handles
+
+
+def _group_targets(names: List[str], prefix: Optional[str], n_blocks: int) -> Tuple[Dict[int, List[str]], List[str]]:
+    """Split target names into {block index: names} and the rest (outside the block stack)."""
+    by_block: Dict[int, List[str]] = {}
+    rest = []
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.") if prefix is not None else None
+    for n in names:
+        hit = pat.match(n) if pat else None
+        if hit and int(hit.group(1)) < n_blocks:
+            by_block.setdefault(int(hit.group(1)), []).append(n)
+        else:
+            rest.append(n)
+    return by_block, rest
+
+
+def _owl_ratio(modules, names, stats, m: float) -> float:
+    """OWL outlier ratio of one block: share of Wanda scores above m x mean, over all its target layers."""
+    scores = torch.cat([wanda_scores(weight_2d(modules[n]).detach(), stats[n].sq_norm).flatten() for n in names])
+    return outlier_ratio(scores, m)
+
+
+@register_handler(Sparse)
+def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool = False, offload: str = "cpu",
+                 offload_dir: Optional[str] = None, device=None, **ignored) -> PruneResult:
+    """Handler behind `pk.prune(model, pk.Sparse(...), data=...)`.
+
+    Context: data (calibration batches; required for wanda/sparsegpt/owl), inplace, offload ('cpu'|'disk':
+    where captured activations wait between blocks), offload_dir, device (where each block is processed).
+    Everything that can be wrong with the config, the targets or the data is checked before any weight
+    (or the copy of the model) changes."""
+    cfg = config
+    names = select_targets(model, cfg)
+    _check_nm_shapes(model, names, cfg.pattern)
+    batches = as_batches(data) if cfg.needs_data or data is not None else None
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    t0 = time.perf_counter()
+    layer_sparsity = {n: cfg.sparsity for n in names}
+    owl_info = None
+    prefix, n_blocks = None, 0
+
+    if cfg.needs_data and cfg.pipeline == "layerwise":
+        prefix, layers = find_blocks(model)
+        n_blocks = len(layers)
+    by_block, rest = _group_targets(names, prefix, n_blocks)
+
+    if cfg.owl:
+        owl_info = _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device)
+        for key, s in zip(owl_info["groups"], owl_info["sparsity"]):
+            for n in (by_block[key] if isinstance(key, int) else [key]):
+                layer_sparsity[n] = s
+
+    if cfg.method == "magnitude":
+        for n in names:
+            _prune_layer(modules[n], cfg, layer_sparsity[n], None)
+    else:
+        hessian, norms = cfg.method == "sparsegpt", cfg.method == "wanda"
+        live: Dict[str, InputStats] = {}
+
+        def observe(group: List[str]):
+            stats, handles = _attach_stats(modules, group, hessian, norms)
+            live.update(stats)
+            return handles
+
+        def update(group: List[str]):
+            for n in group:                                  # pop: each Hessian is freed once used
+                _prune_layer(modules[n], cfg, layer_sparsity[n], live.pop(n))
+
+        if cfg.pipeline == "layerwise":
+            run_layerwise(model, batches,
+                          lambda i, _n, _m: observe(by_block.get(i, [])),
+                          lambda i, _n, _m: update(by_block.get(i, [])),
+                          sequential=cfg.sequential, offload=offload, offload_dir=offload_dir, device=device,
+                          blocks=(prefix, layers), log=log.debug)
+            if rest:                     # layers outside the block stack see the already pruned blocks
+                run_whole(model, batches, lambda *_: observe(rest), lambda *_: update(rest))
+        else:
+            run_whole(model, batches, lambda *_: observe(names), lambda *_: update(names))
+    seconds = time.perf_counter() - t0
+
+    measured = sparsity_stats(model, names)
+    plan = {
+        "type": "Sparse",
+        "config": cfg.to_dict(),
+        "blocks": prefix,
+        "layers": {n: {"method": cfg.method, "sparsity": layer_sparsity[n], "pattern": cfg.pattern,
+                       "shape": list(weight_2d(modules[n]).shape),
+                       "layout": "out,in" if isinstance(modules[n], nn.Linear) else "in,out (Conv1D)"}
+                   for n in names},
+        "owl": owl_info,
+    }
+    stats = {"sparsity": measured["layers"], "sparsity_total": measured["total"], "zeros": measured["zeros"],
+             "params_targeted": measured["params"], "seconds": seconds}
+    if cfg.bake:
+        stats["baked"] = bake(model)
+    return PruneResult(model=model, plan=plan, config=cfg, stats=stats)
+
+
+def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device) -> dict:
+    """Dense pre-pass: Wanda scores of every group -> outlier ratio -> per-group sparsity (mean = target).
+
+    Groups are transformer blocks (the OWL paper's "layers"); with pipeline='whole' each target outside a
+    block is its own group. Layers outside the block stack in the layer-wise pipeline keep the uniform target."""
+    ratios: Dict[object, float] = {}
+    live: Dict[str, InputStats] = {}
+
+    def observe(group: List[str]):
+        stats, handles = _attach_stats(modules, group, hessian=False, norms=True)
+        live.update(stats)
+        return handles
+
+    def measure(groups: Dict[object, List[str]]):
+        for key, group in groups.items():
+            if group:
+                ratios[key] = _owl_ratio(modules, group, live, cfg.owl_m)
+        live.clear()
+
+    if cfg.pipeline == "layerwise":              # nothing changes in this pass, so dense outputs feed forward
+        run_layerwise(model, batches, lambda i, _n, _m: observe(by_block.get(i, [])),
+                      lambda i, _n, _m: measure({i: by_block.get(i, [])}),
+                      sequential=False, offload=offload, offload_dir=offload_dir, device=device,
+                      blocks=find_blocks(model))
+    else:
+        groups = {**by_block, **{n: [n] for n in rest}}
+        run_whole(model, batches, lambda *_: observe([n for g in groups.values() for n in g]),
+                  lambda *_: measure(groups))
+    keys = list(ratios)
+    sparsity = owl_block_sparsity([ratios[k] for k in keys], cfg.sparsity, cfg.owl_lambda)
+    return {"groups": keys, "outlier_ratio": [ratios[k] for k in keys], "sparsity": sparsity}
