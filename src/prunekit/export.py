@@ -1,0 +1,277 @@
+"""Compression stack after pruning: int8 dynamic quantization, ONNX export checked by ONNX Runtime, 2:4 sparsity.
+
+* `quantize_int8(model)`: int8 weights / dynamically quantized activations for every nn.Linear, CPU.
+  Uses torchao's `quantize_` when torchao is installed, else `torch.ao.quantization.quantize_dynamic`
+  (deprecated in torch 2.14 but working; its warnings are silenced here because the fallback is deliberate).
+* `export_onnx(model, example_inputs, path)`: exports, runs the file in ONNX Runtime, checks outputs agree
+  with PyTorch (max abs diff <= atol, default 1e-4) and times both. Any failure raises `ExportError` naming
+  the operator that failed and what to try.
+* `semi_structured_2to4(model)`: 2:4 magnitude masks + `torch.sparse.to_sparse_semi_structured` for Linear
+  weights on CUDA GPUs with compute capability >= 8.0 (sparse tensor cores). Elsewhere it raises
+  `UnsupportedHardwareError` saying why; `mask_2to4` works anywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+class ExportError(RuntimeError):
+    """Export or its verification failed. `.op` names the operator involved when it could be identified."""
+
+    def __init__(self, message: str, op: Optional[str] = None):
+        super().__init__(message)
+        self.op = op
+
+
+class UnsupportedHardwareError(RuntimeError):
+    """The requested kernel needs hardware this machine does not have."""
+
+
+# ----------------------------------------------------------------------------------------------- int8
+def _has_torchao() -> bool:
+    try:
+        import torchao  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto") -> nn.Module:
+    """Dynamic int8 quantization of all nn.Linear layers, for CPU inference.
+
+    backend: "auto" (torchao if installed, else torch.ao), "torchao" or "torch.ao". The model is moved to CPU
+    and set to eval mode. Returns the quantized model (a deep copy unless `inplace`).
+    """
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ValueError(f"quantize_int8: {type(model).__name__} has no nn.Linear layers; dynamic int8 "
+                         f"quantization here only covers Linear layers")
+    if backend not in ("auto", "torchao", "torch.ao"):
+        raise ValueError(f"quantize_int8(backend={backend!r}): use 'auto', 'torchao' or 'torch.ao'")
+    m = model if inplace else copy.deepcopy(model)
+    m = m.cpu().eval()
+    use_ao = backend == "torchao" or (backend == "auto" and _has_torchao())
+    if use_ao:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        quantize_(m, Int8DynamicActivationInt8WeightConfig())
+        return m
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+_OP_PATTERNS = [
+    r"OpOverload\(op='([\w.]+)'",                      # dynamo exporter: No ONNX function found for ...
+    r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]",  # dynamo exporter: Error when translating node ...
+    r"operator '([\w:.]+)'",                            # TorchScript exporter: Exporting the operator 'aten::x'
+    r"implementation for (\w+\(\d+\))",                 # ONNX Runtime: Could not find an implementation for Op(v)
+    r"\[ONNXRuntimeError\].*?node[: ]+\S*?\(?(\w+)\)?",  # ONNX Runtime: failing node
+    r"(aten[:.]{1,2}\w+)",
+]
+
+
+def failing_op(exc: BaseException) -> Optional[str]:
+    """Best guess at the operator an export/runtime error is about, searching the whole exception chain."""
+    texts, e, seen = [], exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(texts)
+    for pat in _OP_PATTERNS:
+        mt = re.search(pat, text)
+        if mt:
+            return mt.group(1)
+    return None
+
+
+def _flat_tensors(out) -> List[torch.Tensor]:
+    """Model outputs flattened in the order the ONNX exporter lays them out."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return []
+
+
+def _as_args(example_inputs):
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), None
+    return tuple(example_inputs), None
+
+
+def _median_ms(fn, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e3)
+
+
+def export_onnx(model: nn.Module, example_inputs, path: str, *, atol: float = 1e-4, opset: Optional[int] = None,
+                dynamo: bool = True, reps: int = 20, threads: int = 1, dynamic_batch: bool = False) -> Dict[str, Any]:
+    """Export `model` to ONNX at `path`, then verify and time it with ONNX Runtime (CPU).
+
+    example_inputs: a tensor, a tuple of tensors (positional) or a dict (keyword arguments).
+    Returns {"path", "max_abs_diff", "torch_ms", "onnxruntime_ms", "speedup", "opset", "exporter"}.
+    Raises ExportError naming the failing op when export, loading or running fails, and when any output
+    differs from PyTorch by more than `atol`.
+    """
+    import onnxruntime as ort
+
+    model = model.eval()
+    args, kwargs = _as_args(example_inputs)
+    with torch.inference_mode():
+        ref = _flat_tensors(model(*args, **(kwargs or {})))
+    export_kw = {"opset_version": opset, "dynamo": dynamo}
+    if dynamic_batch and dynamo:
+        export_kw["dynamic_shapes"] = _batch_dynamic_shapes(args, kwargs)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # exporter progress chatter
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, path, kwargs=kwargs, external_data=False, verbose=False, **export_kw)
+    except Exception as e:  # the exporter raises many types; all are reported the same way
+        op = failing_op(e)
+        raise ExportError(f"ONNX export of {type(model).__name__} failed"
+                          + (f" at operator '{op}'" if op else "") + f": {type(e).__name__}: {_first_line(e)}. "
+                          f"Try dynamo={not dynamo} (the other exporter), a newer opset, or replace that op in the "
+                          f"model.", op) from e
+    feeds = _feeds(args, kwargs)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    try:
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        names = [i.name for i in sess.get_inputs()]
+        if len(names) != len(feeds):
+            raise ExportError(f"ONNX model at {path} takes {len(names)} inputs {names} but {len(feeds)} example "
+                              f"inputs were given (inputs unused by the graph are dropped at export)")
+        feed = dict(zip(names, feeds))
+        got = sess.run(None, feed)
+    except ExportError:
+        raise
+    except Exception as e:
+        op = failing_op(e)
+        raise ExportError(f"ONNX Runtime could not run the exported {type(model).__name__} ({path})"
+                          + (f"; failing operator '{op}'" if op else "") + f": {_first_line(e)}. Try another "
+                          f"opset (opset=...) or the other exporter (dynamo={not dynamo}).", op) from e
+    diff = _max_abs_diff(ref, got, path)
+    if diff > atol:
+        raise ExportError(f"ONNX Runtime output of {path} differs from PyTorch by {diff:.3g} (> atol {atol:g}). "
+                          f"Check ops with changed numerics (e.g. LayerNorm/GELU approximations, int8 layers) or "
+                          f"raise atol if the difference is expected.")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            t_ms = _median_ms(lambda: model(*args, **(kwargs or {})), reps)
+        o_ms = _median_ms(lambda: sess.run(None, feed), reps)
+    finally:
+        torch.set_num_threads(old)
+    return {"path": str(path), "max_abs_diff": diff, "torch_ms": t_ms, "onnxruntime_ms": o_ms,
+            "speedup": t_ms / o_ms, "opset": opset, "exporter": "dynamo" if dynamo else "torchscript",
+            "threads": threads}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _batch_dynamic_shapes(args, kwargs):
+    dim = torch.export.Dim("batch")
+    if kwargs:
+        return {k: {0: dim} if isinstance(v, torch.Tensor) else None for k, v in kwargs.items()}
+    return tuple({0: dim} if isinstance(a, torch.Tensor) else None for a in args)
+
+
+def _feeds(args, kwargs) -> List[np.ndarray]:
+    vals = list(kwargs.values()) if kwargs else list(args)
+    return [v.detach().cpu().numpy() for v in vals if isinstance(v, torch.Tensor)]
+
+
+def _max_abs_diff(ref: Sequence[torch.Tensor], got: Sequence[np.ndarray], path: str) -> float:
+    if len(got) < len(ref):
+        raise ExportError(f"ONNX model at {path} returns {len(got)} outputs, PyTorch returned {len(ref)}")
+    diffs = []
+    for i, (r, g) in enumerate(zip(ref, got)):
+        r = r.detach().float().cpu().numpy()
+        if r.shape != np.shape(g):
+            raise ExportError(f"output {i} of {path} has shape {np.shape(g)}, PyTorch gives {r.shape}")
+        diffs.append(float(np.max(np.abs(r - g))) if r.size else 0.0)
+    return max(diffs) if diffs else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- 2:4 sparsity
+def mask_2to4(weight: torch.Tensor) -> torch.Tensor:
+    """Boolean mask keeping the 2 largest-magnitude weights in every group of 4 consecutive inputs (dim 1)."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        raise ValueError(f"2:4 sparsity needs a 2-D weight whose input dim is a multiple of 4, got "
+                         f"{tuple(weight.shape)}")
+    g = weight.detach().abs().reshape(weight.shape[0], -1, 4)
+    keep = torch.zeros_like(g, dtype=torch.bool)
+    keep.scatter_(-1, g.topk(2, dim=-1).indices, True)
+    return keep.reshape(weight.shape)
+
+
+def check_2to4_hardware(device: Optional[torch.device] = None) -> None:
+    """Raise UnsupportedHardwareError unless a CUDA GPU with sparse tensor cores (capability >= 8.0) is present."""
+    if not torch.cuda.is_available():
+        raise UnsupportedHardwareError("2:4 semi-structured sparsity needs a CUDA GPU with compute capability "
+                                       ">= 8.0 (Ampere or newer); no CUDA device is available. Use structured "
+                                       "pruning + quantize_int8 for CPU speedups instead.")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        raise UnsupportedHardwareError(f"2:4 semi-structured sparsity needs compute capability >= 8.0; "
+                                       f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
+
+
+def semi_structured_2to4(model: nn.Module, dtype: torch.dtype = torch.float16, inplace: bool = False,
+                         min_features: int = 64) -> Dict[str, Any]:
+    """Apply 2:4 magnitude sparsity to every eligible nn.Linear and store it as a semi-structured sparse tensor.
+
+    Eligible: both dims multiples of 64 and at least `min_features` (the cuSPARSELt / CUTLASS kernels' shape
+    rules). The model is moved to CUDA in `dtype`. Returns {"model", "converted": [names], "skipped":
+    {name: reason}}. Raises UnsupportedHardwareError without a suitable GPU.
+    """
+    check_2to4_hardware()
+    from torch.sparse import to_sparse_semi_structured
+    m = model if inplace else copy.deepcopy(model)
+    m = m.to("cuda", dtype).eval()
+    converted, skipped = [], {}
+    for name, mod in m.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        out_f, in_f = mod.weight.shape
+        if out_f % 64 or in_f % 64 or min(out_f, in_f) < min_features:
+            skipped[name] = f"shape {out_f}x{in_f} is not a multiple of 64 (>= {min_features})"
+            continue
+        with torch.no_grad():
+            w = mod.weight * mask_2to4(mod.weight)
+            mod.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+        converted.append(name)
+    if not converted:
+        raise ValueError(f"semi_structured_2to4: no Linear layer of {type(model).__name__} has a supported shape; "
+                         f"skipped: {skipped}")
+    return {"model": m, "converted": converted, "skipped": skipped}

@@ -1,0 +1,96 @@
+"""Measurement helpers: latency ordering, exact-enough memory peaks, sizes, LM speed, environment."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from prunekit.measure import (decode_tokens_per_s, environment_info, make_batch, measure_latency, model_stats,
+                              param_count, peak_memory, prefill_latency, size_on_disk)
+
+
+def _mlp(width):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 64))
+
+
+def test_environment_info_names_machine_and_versions():
+    env = environment_info()
+    assert env["cpu_model"] and env["logical_cores"] >= 1 and env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads()
+    json.dumps(env)
+
+
+def test_make_batch_repeats_rows_for_every_structure():
+    x = torch.arange(6.0).view(3, 2)
+    assert make_batch(x, 7).shape == (7, 2) and torch.equal(make_batch(x, 7)[3], x[0])
+    d = make_batch({"input_ids": torch.ones(1, 5, dtype=torch.long)}, 4)
+    assert d["input_ids"].shape == (4, 5)
+    assert make_batch((x, x), 1)[1].shape == (1, 2)
+
+
+def test_latency_interleaved_ranks_models_and_restores_threads():
+    before = torch.get_num_threads()
+    res = measure_latency({"big": _mlp(1024), "small": _mlp(16)}, torch.randn(1, 64), batch_sizes=(1, 8),
+                          threads=1, warmup=2, reps=15)
+    assert torch.get_num_threads() == before
+    assert len(res["rows"]) == 4 and res["env"]["torch_threads"] == 1
+    for bs in (1, 8):
+        assert res.get_row("big", bs)["median_ms"] > res.get_row("small", bs)["median_ms"]
+        assert res.get_row("big", bs)["iqr_ms"] >= 0
+    assert res.speedup("big", "small", 8) > 1.5
+    md = res.to_markdown()
+    assert "| small | 8 |" in md and res["env"]["cpu_model"] in md
+    json.dumps(res)
+
+
+def test_peak_memory_counts_live_tensor_bytes():
+    def work():
+        a = torch.ones(1_000_000)        # 4 MB
+        b = a * 2                        # +4 MB
+        del a
+        c = torch.ones(2_000_000)        # +8 MB while b is alive -> 12 MB peak
+        return float(b.sum() + c.sum())
+
+    m = peak_memory(work)
+    assert 12e6 <= m["torch_peak_bytes"] < 13e6
+    py = peak_memory(lambda: len(bytearray(5_000_000)))
+    assert py["python_peak_bytes"] >= 5_000_000 and py["torch_peak_bytes"] < 1e6
+
+
+def test_param_count_and_size_on_disk_dense_tied_and_int8():
+    m = nn.Linear(100, 50)
+    assert param_count(m) == 5050
+    assert 5050 * 4 <= size_on_disk(m) < 5050 * 4 + 1000
+    tied = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    assert param_count(tied) == 80 and size_on_disk(tied) < 80 * 4 + 500
+    with torch.no_grad():
+        m.weight[:, :50] = 0
+    assert param_count(m, nonzero=True) == 2500 + int(torch.count_nonzero(m.bias))
+    big = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    from prunekit.export import quantize_int8
+    q = quantize_int8(big)
+    assert param_count(q) == param_count(big)
+    assert size_on_disk(q) < 0.3 * size_on_disk(big)
+
+
+def test_model_stats_uses_given_mac_counter():
+    m = nn.Linear(4, 3)
+    s = model_stats(m, torch.randn(1, 4), macs_fn=lambda mod, x: 12)
+    assert s == {"params": 15, "size_bytes": size_on_disk(m), "macs": 12}
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=128)).eval()
+
+
+def test_prefill_and_decode_speed_on_tiny_lm(tiny_gpt2):
+    ids = torch.randint(0, 50, (1, 16))
+    pre = prefill_latency(tiny_gpt2, ids, reps=3, warmup=1)
+    assert pre["median_ms"] > 0 and pre["prompt_tokens"] == 16
+    dec = decode_tokens_per_s(tiny_gpt2, ids, new_tokens=8, reps=2)
+    assert dec["tokens_per_s"] > 0 and dec["new_tokens"] == 8 and len(dec["all_tokens_per_s"]) == 2
