@@ -1,0 +1,89 @@
+"""torch.distributed support: join a torchrun job, shard each global batch, keep the gradient a global mean.
+
+Sharding splits every global batch along its first dimension (rank r gets the r-th contiguous slice) instead
+of dealing whole batches to ranks. Each rank scales its mean loss by world * n_local / n_global, so DDP's
+gradient average equals the gradient of the global-batch mean: an N-process run takes the same optimizer
+steps as a 1-process run on the same batches (up to float summation order).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def maybe_init_process_group() -> bool:
+    """True when this process is part of a multi-process job, initializing the default group from
+    torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) if nobody did yet."""
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        return dist.get_world_size() > 1
+    return False
+
+
+def rank_world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def batch_size_of(obj: Any) -> int:
+    """Number of examples in a batch-like object (tensor, list, tuple of those, dict of tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return int(obj.shape[0])
+    if isinstance(obj, dict):
+        for v in obj.values():
+            if isinstance(v, (torch.Tensor, list)):
+                return batch_size_of(v)
+        raise ValueError("cannot tell the batch size of a dict without tensors or lists")
+    if isinstance(obj, tuple):
+        return batch_size_of(obj[0])
+    if isinstance(obj, list):
+        return len(obj)
+    raise TypeError(f"cannot tell the batch size of a {type(obj).__name__}")
+
+
+def take(obj: Any, lo: int, hi: int) -> Any:
+    """Examples lo:hi of a batch-like object (same structure)."""
+    if isinstance(obj, (torch.Tensor, list)):
+        return obj[lo:hi]
+    if isinstance(obj, tuple):
+        return tuple(take(o, lo, hi) for o in obj)
+    if isinstance(obj, dict):
+        return {k: take(v, lo, hi) if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in obj.items()}
+    if obj is None:
+        return None
+    raise TypeError(f"cannot shard a {type(obj).__name__} across processes")
+
+
+def shard_bounds(n: int, rank: int, world: int) -> Tuple[int, int]:
+    """Contiguous split of n examples, the first n % world ranks getting one more (like numpy.array_split)."""
+    if n < world:
+        raise ValueError(f"a global batch of {n} examples cannot be split across {world} processes; "
+                         f"use batches of at least {world} examples")
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def all_reduce_max(flag: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([flag], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_sum(value: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())

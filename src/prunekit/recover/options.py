@@ -1,0 +1,100 @@
+"""`Recover`: the options of `recover()` as a config dataclass, so YAML recipes and run directories can
+describe a recovery exactly like they describe a pruning method."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Dict, List, Optional, Union
+
+from ..config import Config, ConfigError, check_type, register_config
+
+LOSSES = ("auto", "kd", "task", "mixed")
+ON_NONFINITE = ("raise", "stop")
+
+
+@register_config
+@dataclasses.dataclass
+class Recover(Config):
+    """How to fine-tune a pruned model back to its teacher's quality.
+
+    epochs / lr:   passes over the data and peak AdamW learning rate (cosine decay after a linear warm-up).
+    loss:          "kd" (distill the teacher's logits), "task" (cross-entropy on targets, or the model's own
+                   `.loss`), "mixed" (alpha * kd + (1 - alpha) * task), "auto" (kd if a teacher is given).
+    temperature:   softmax temperature of the KD loss; the loss is scaled by T^2 so gradients keep their size.
+    features:      module names whose outputs are matched to the teacher's (MSE): a list (same name in both)
+                   or {student_name: teacher_name}. Width mismatches get a learned 1x1 projection.
+    lora:          PEFT LoraConfig kwargs (e.g. {"r": 8, "target_modules": ["q_proj", "v_proj"]}): train low-rank
+                   adapters instead of all weights, merged back into the model at the end.
+    checkpoint_every: optimizer steps between checkpoints when `checkpoint_dir` is given (None: each epoch).
+    on_nonfinite:  "raise" RecoveryDiverged or "stop" with a warning, after restoring the last good weights.
+    """
+    epochs: int = 1
+    lr: float = 1e-4
+    loss: str = "auto"
+    alpha: float = 0.5
+    temperature: float = 2.0
+    features: Optional[Union[List[str], Dict[str, str]]] = None
+    feature_weight: float = 1.0
+    lora: Optional[Dict[str, Any]] = None
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    grad_clip: Optional[float] = 1.0
+    max_steps: Optional[int] = None
+    shuffle: bool = True
+    seed: int = 0
+    checkpoint_every: Optional[int] = None
+    on_nonfinite: str = "raise"
+
+    def __post_init__(self):
+        o = "Recover"
+        check_type(o, "epochs", self.epochs, int, "a positive int")
+        if self.epochs < 1:
+            raise ConfigError(f"{o}.epochs must be >= 1, got {self.epochs}")
+        for name in ("lr", "temperature", "feature_weight", "weight_decay", "warmup", "alpha"):
+            check_type(o, name, getattr(self, name), (int, float), "a number")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError(f"{o}.lr and {o}.temperature must be > 0, got lr={self.lr}, temperature={self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{o}.alpha is the KD share of the mixed loss and must be in [0, 1], got {self.alpha}")
+        if self.warmup < 0:
+            raise ConfigError(f"{o}.warmup must be >= 0 (a fraction of all steps if < 1, else a step count), "
+                              f"got {self.warmup}")
+        _one_of(o, "loss", self.loss, LOSSES)
+        _one_of(o, "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        for name in ("max_steps", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None:
+                check_type(o, name, v, int, "a positive int or None")
+                if v < 1:
+                    raise ConfigError(f"{o}.{name} must be >= 1 or None, got {v}")
+        if self.grad_clip is not None:
+            check_type(o, "grad_clip", self.grad_clip, (int, float), "a positive number or None")
+        if self.features is not None and not isinstance(self.features, (list, tuple, dict)):
+            raise ConfigError(f"{o}.features must be a list of module names or a {{student: teacher}} mapping, "
+                              f"got {self.features!r}")
+        if self.lora is not None and not isinstance(self.lora, dict):
+            raise ConfigError(f"{o}.lora must be a dict of peft.LoraConfig arguments, e.g. "
+                              f"{{'r': 8, 'target_modules': ['q_proj', 'v_proj']}}, got {self.lora!r}")
+
+    def feature_pairs(self) -> List[tuple]:
+        """[(student_module_name, teacher_module_name), ...]"""
+        if not self.features:
+            return []
+        if isinstance(self.features, dict):
+            return list(self.features.items())
+        return [(n, n) for n in self.features]
+
+    def replace(self, **overrides) -> "Recover":
+        """A copy with some fields changed; unknown names raise ConfigError naming the closest field."""
+        names = [f.name for f in dataclasses.fields(self)]
+        for k in overrides:
+            if k not in names:
+                close = difflib.get_close_matches(k, names, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"recover() got an unknown option '{k}'.{hint} Recover fields: {names}")
+        return dataclasses.replace(self, **overrides)
+
+
+def _one_of(owner, name, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{owner}.{name} must be one of {allowed}, got {value!r}")
