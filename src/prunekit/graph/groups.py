@@ -1,0 +1,168 @@
+"""From a trace's id graph to pruning groups.
+
+A *unit* is one connected component of ids: the parameter slices that must go together (output channel c
+of a conv + its BN entries + input column c of every consumer + every tensor added to it on a residual).
+A *group* gathers the units that touch the same set of parameter dims (all channels of one coupled layer
+set), so a score and a keep-count are decided per group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .trace import Slot, Trace, trace
+
+
+@dataclass
+class Member:
+    """One parameter dim inside a group: positions along `dim` and the unit each position belongs to."""
+    name: str
+    dim: int
+    is_buffer: bool
+    pos: torch.Tensor   # (P,) indices along `dim`
+    unit: torch.Tensor  # (P,) unit index in the group
+
+
+@dataclass
+class Group:
+    index: int
+    n_units: int
+    members: List[Member]
+    exact: bool = True          # False when a norm's statistics span these channels (LayerNorm/GroupNorm)
+    unit_size: int = 1          # positions per unit on the first weight member (e.g. head_dim for heads)
+    comps: Optional[np.ndarray] = None   # component label of each unit
+
+    @property
+    def modules(self) -> List[str]:
+        return sorted({m.name.rsplit(".", 1)[0] for m in self.members})
+
+    def describe(self) -> str:
+        names = ", ".join(f"{m.name}[{m.dim}]" for m in self.members[:6])
+        more = f" +{len(self.members) - 6}" if len(self.members) > 6 else ""
+        return f"group {self.index}: {self.n_units} units x {self.unit_size}: {names}{more}"
+
+
+class DependencyGraph:
+    """Groups of coupled parameter slices of `model`, found by running it on `example_inputs`."""
+
+    def __init__(self, model: nn.Module, example_inputs, ignore: Sequence[str] = ()):
+        self.model = model
+        self.trace: Trace = trace(model, example_inputs, ignore=ignore)
+        self.params = dict(model.named_parameters(remove_duplicate=True))
+        self.buffers = dict(model.named_buffers(remove_duplicate=True))
+        self._build()
+
+    def _build(self):
+        tr = self.trace
+        labels = tr.space.components()
+        self.comp_of_id = labels
+        pin = labels[0]
+        slot_of, pos_of, comp_of = [], [], []
+        for s, slot in enumerate(tr.slots):
+            n = slot.ids.numel()
+            slot_of.append(np.full(n, s, dtype=np.int64))
+            pos_of.append(np.arange(n, dtype=np.int64))
+            comp_of.append(labels[slot.ids.numpy()])
+        slot_of = np.concatenate(slot_of) if slot_of else np.zeros(0, np.int64)
+        pos_of = np.concatenate(pos_of) if pos_of else np.zeros(0, np.int64)
+        comp_of = np.concatenate(comp_of) if comp_of else np.zeros(0, np.int64)
+        free = comp_of != pin
+        slot_of, pos_of, comp_of = slot_of[free], pos_of[free], comp_of[free]
+        order = np.lexsort((pos_of, slot_of, comp_of))
+        slot_of, pos_of, comp_of = slot_of[order], pos_of[order], comp_of[order]
+        bounds = np.flatnonzero(np.diff(comp_of)) + 1
+        starts = np.concatenate([[0], bounds]) if len(comp_of) else np.zeros(0, np.int64)
+        ends = np.concatenate([bounds, [len(comp_of)]]) if len(comp_of) else np.zeros(0, np.int64)
+        stat_comps = set()
+        for ids in tr.stat_ids:
+            stat_comps.update(np.unique(labels[ids[ids >= 0].numpy()]).tolist())
+        by_sig: Dict[Tuple, List[int]] = {}
+        for u, (a, b) in enumerate(zip(starts, ends)):
+            if b - a < 2:
+                continue   # an id no op ever coupled to anything: not a channel any rule understood
+            sig = tuple(np.unique(slot_of[a:b]).tolist())
+            by_sig.setdefault(sig, []).append(u)
+        self.groups: List[Group] = []
+        for sig, units in by_sig.items():
+            if len(units) < 2:
+                continue     # a single unit can only be kept (a group never loses all its units)
+            members = []
+            for s in sig:
+                slot = tr.slots[s]
+                pos_l, unit_l = [], []
+                for k, u in enumerate(units):
+                    a, b = starts[u], ends[u]
+                    sel = slot_of[a:b] == s
+                    p = pos_of[a:b][sel]
+                    pos_l.append(p)
+                    unit_l.append(np.full(len(p), k, dtype=np.int64))
+                members.append(Member(slot.name, slot.dim, slot.is_buffer, torch.from_numpy(np.concatenate(pos_l)),
+                                      torch.from_numpy(np.concatenate(unit_l))))
+            comps = np.array([comp_of[starts[u]] for u in units])
+            g = Group(len(self.groups), len(units), members, exact=not bool(stat_comps & set(comps.tolist())),
+                      comps=comps)
+            w = [m for m in members if not m.is_buffer and self._tensor(m.name).dim() >= 2] or members
+            g.unit_size = int(w[0].pos.numel() // len(units))
+            self.groups.append(g)
+        self.pin_comp = pin
+
+    def _tensor(self, name) -> torch.Tensor:
+        return self.params[name] if name in self.params else self.buffers[name]
+
+    # ---------------------------------------------------------------- resource model
+    def removed_comps(self, removed: Dict[int, torch.Tensor]) -> np.ndarray:
+        """Boolean per component: removed by `removed` (group index -> bool mask over units)."""
+        flag = np.zeros(int(self.comp_of_id.max()) + 1 if len(self.comp_of_id) else 1, dtype=bool)
+        for gi, mask in removed.items():
+            g = self.groups[gi]
+            flag[g.comps[mask.numpy().astype(bool)]] = True
+        return flag
+
+    def _kept_fraction(self, ids: torch.Tensor, flag: np.ndarray) -> float:
+        if ids.numel() == 0:
+            return 1.0
+        return 1.0 - float(flag[self.comp_of_id[ids.numpy()]].mean())
+
+    def macs(self, removed: Optional[Dict[int, torch.Tensor]] = None) -> int:
+        flag = self.removed_comps(removed or {})
+        total = 0.0
+        for c in self.trace.costs:
+            f = 1.0
+            for ids in c.factors:
+                f *= self._kept_fraction(ids, flag)
+            total += c.base * f
+        return int(round(total))
+
+    def param_count(self, removed: Optional[Dict[int, torch.Tensor]] = None) -> int:
+        flag = self.removed_comps(removed or {})
+        per: Dict[str, float] = {}
+        for slot in self.trace.slots:
+            if slot.is_buffer:
+                continue
+            per.setdefault(slot.name, 1.0)
+            per[slot.name] *= self._kept_fraction(slot.ids, flag)
+        return int(round(sum(self.params[n].numel() * f for n, f in per.items() if n in self.params)))
+
+    def kept_indices(self, removed: Dict[int, torch.Tensor]) -> Dict[str, Dict[int, List[int]]]:
+        """{param_or_buffer_name: {dim: kept indices}} for every dim that loses something."""
+        drop: Dict[Tuple[str, int], List[torch.Tensor]] = {}
+        for gi, mask in removed.items():
+            g = self.groups[gi]
+            for m in g.members:
+                gone = m.pos[mask[m.unit]]
+                if gone.numel():
+                    drop.setdefault((m.name, m.dim), []).append(gone)
+        out: Dict[str, Dict[int, List[int]]] = {}
+        for (name, dim), parts in drop.items():
+            size = self._tensor(name).shape[dim]
+            keep = torch.ones(size, dtype=torch.bool)
+            keep[torch.cat(parts)] = False
+            out.setdefault(name, {})[dim] = torch.nonzero(keep).flatten().tolist()
+        return out
+
+    def summary(self) -> str:
+        return "\n".join(g.describe() for g in self.groups)

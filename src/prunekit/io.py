@@ -1,0 +1,186 @@
+"""Save and load pruned models: safetensors weights + a JSON plan. No pickle anywhere.
+
+Layout of a saved directory:
+    plan.json           what was cut: {"format", "kept": {tensor: {dim: kept indices}}, "attrs": [...], ...}
+    model.safetensors   the pruned model's state_dict (tied tensors stored once)
+    prunekit.json       {"prunekit_version", "files": {name: sha256}} for integrity checks
+
+`load(dir, model=fresh_original)` replays the plan on a fresh instance of the original architecture (slicing
+its tensors to the pruned shapes, fixing module attributes) and then loads the saved weights, strictly.
+Loading never executes code from the files: JSON and safetensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .surgery import apply_kept
+
+PLAN = "plan.json"
+WEIGHTS = "model.safetensors"
+META = "prunekit.json"
+
+
+class LoadError(RuntimeError):
+    """A saved prunekit directory is missing files, corrupt, or does not fit the given model."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Union[str, Path], obj: Any):
+    _atomic_write_bytes(Path(path), json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def state_dict_unique(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """state_dict with each tied tensor once (safetensors refuses shared storage)."""
+    seen = {}
+    out = {}
+    for k, v in model.state_dict(keep_vars=False).items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride())) \
+            if v.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = k
+        out[k] = v.detach().contiguous().clone()
+    return out
+
+
+def save_weights(model: nn.Module, path: Union[str, Path], metadata: Optional[Dict[str, str]] = None):
+    from safetensors.torch import save
+    _atomic_write_bytes(Path(path), save(state_dict_unique(model), metadata=metadata))
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(result, path: Union[str, Path]) -> Path:
+    """Write `result.model` (safetensors) and `result.plan` (JSON) into directory `path`.
+
+    Hugging Face models are written as a Hugging Face directory (see prunekit.hf) as well."""
+    from . import __version__
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = result.model if hasattr(result, "model") else result
+    plan = getattr(result, "plan", None) or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}
+    hf_save = getattr(model, "save_pretrained", None)
+    if callable(hf_save) and plan.get("format", "").startswith("prunekit.structured"):
+        try:
+            from .hf import save_hf
+            save_hf(model, plan, path)
+        except ImportError:
+            pass
+    atomic_write_json(path / PLAN, plan)
+    save_weights(model, path / WEIGHTS, metadata={"format": "pt"})
+    atomic_write_json(path / META, {"prunekit_version": __version__,
+                                    "files": {n: _sha(path / n) for n in (PLAN, WEIGHTS)}})
+    return path
+
+
+def read_plan(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise LoadError(f"pk.load: '{path}' is not a directory; expected a folder written by pk.save")
+    for n in (PLAN, WEIGHTS):
+        if not (path / n).is_file():
+            raise LoadError(f"pk.load: '{path / n}' is missing; the directory was not written completely by "
+                            f"pk.save (re-run the save)")
+    if (path / META).is_file():
+        try:
+            meta = json.loads((path / META).read_text())
+        except json.JSONDecodeError as e:
+            raise LoadError(f"pk.load: '{path / META}' is not valid JSON ({e})") from e
+        for n, digest in meta.get("files", {}).items():
+            if (path / n).is_file() and _sha(path / n) != digest:
+                raise LoadError(f"pk.load: '{path / n}' does not match its checksum in {META}: the file is "
+                                f"corrupt or was changed after saving")
+    try:
+        plan = json.loads((path / PLAN).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"pk.load: '{path / PLAN}' is not valid JSON ({e})") from e
+    if not isinstance(plan, dict) or "kept" not in plan:
+        raise LoadError(f"pk.load: '{path / PLAN}' is not a prunekit plan (no 'kept' entry)")
+    return plan
+
+
+def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
+    """Apply a saved structured plan to a fresh model of the original architecture (in place)."""
+    kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
+    try:
+        apply_kept(model, kept, [tuple(a) for a in plan.get("attrs", [])])
+    except (KeyError, AttributeError, IndexError, RuntimeError) as e:
+        raise LoadError(f"pk.load: the plan does not fit this model ({e}); pass the same architecture the "
+                        f"pruned model was made from") from e
+    return model
+
+
+def load(path: Union[str, Path], model: Optional[nn.Module] = None, strict: bool = True) -> nn.Module:
+    """Rebuild a pruned model saved by `pk.save`.
+
+    model: a fresh instance of the original (unpruned) architecture; its weights are replaced. For Hugging Face
+           directories written by pk.save it may be omitted (the pruned config is read from the directory).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    plan = read_plan(path)
+    if model is None:
+        from .hf import load_hf
+        return load_hf(path, plan)
+    replay(model, plan)
+    try:
+        sd = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoadError(f"pk.load: '{path / WEIGHTS}' is not a readable safetensors file ({e})") from e
+    load_state(model, sd, strict=strict, where=str(path / WEIGHTS))
+    return model
+
+
+def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool = True, where: str = "weights"):
+    """load_state_dict that tolerates tied tensors stored once and explains shape mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    # tied tensors were saved under one name: fill the others from it
+    by_ptr = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+    for names in by_ptr.values():
+        have = [n for n in names if n in sd]
+        if have:
+            for n in names:
+                sd.setdefault(n, sd[have[0]])
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if strict and (missing or unexpected):
+        raise LoadError(f"{where}: tensors do not match the model (missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}); was it saved from this architecture?")
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise LoadError(f"{where}: '{k}' has shape {tuple(v.shape)} but the model expects "
+                            f"{tuple(own[k].shape)}; the plan and the weights disagree")
+    model.load_state_dict(sd, strict=strict)
