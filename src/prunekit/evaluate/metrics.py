@@ -274,7 +274,10 @@ def from_callable(fn: Callable, name: str = None, higher_is_better: bool = True)
                 return None
         return None
 
-    return Metric(name or getattr(fn, "__name__", "user_metric"), ["score"], higher_is_better, per_example,
+    name = name or getattr(fn, "__name__", "")
+    if not name or name.startswith("<"):  # lambdas and partials have no useful name
+        name = "user_metric"
+    return Metric(name, ["score"], higher_is_better, per_example,
                   _mean, examples=lambda b: split_batch(b, batch_len(b)), labels=labels)
 
 

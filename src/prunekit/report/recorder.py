@@ -1,0 +1,116 @@
+"""Writing and reading run directories (layout documented in `prunekit.report`)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
+
+SECTIONS = ("summary", "steps", "slices", "widths", "env")
+METRICS = "metrics.json"
+COMPLETE = "COMPLETE"
+
+
+class ReportError(ValueError):
+    """The run data cannot be read; the message says which file/key and what was expected."""
+
+
+def _clean(v):
+    """JSON-safe copy: NaN/inf -> None, tuples -> lists, objects with to_dict() -> dicts."""
+    if hasattr(v, "to_dict") and callable(v.to_dict):
+        v = v.to_dict()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, Mapping):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
+        try:
+            return _clean(v.item())
+        except (ValueError, RuntimeError):
+            pass
+    return v
+
+
+class RunRecorder:
+    """Incrementally writes a run directory so an interrupted run still leaves a readable metrics.json.
+
+        rec = RunRecorder("runs/exp1", run={"model": "vit_b_16", "method": "Structured(0.5)"})
+        rec.log_step(step=1, speedup=1.3, quality=0.81)
+        rec.set("summary", {...}); rec.set("slices", comparison); rec.set("widths", [...])
+        rec.finish()   # writes COMPLETE
+    Every call rewrites metrics.json atomically (temp file + rename), so readers never see half a file.
+    """
+
+    def __init__(self, run_dir: Union[str, os.PathLike], run: Optional[Dict[str, Any]] = None, env: bool = True):
+        self.run_dir = str(run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        marker = os.path.join(self.run_dir, COMPLETE)
+        if os.path.exists(marker):
+            os.remove(marker)  # a restarted run is not complete until it finishes again
+        self.data: Dict[str, Any] = {"run": _clean(run or {})}
+        if env:
+            from prunekit.measure import environment_info
+            self.data["env"] = environment_info()
+        self._write()
+
+    def set(self, section: str, value: Any) -> "RunRecorder":
+        if section not in SECTIONS + ("run",):
+            raise ReportError(f"unknown run section '{section}'; known: {list(SECTIONS) + ['run']}")
+        self.data[section] = _clean(value)
+        self._write()
+        return self
+
+    def log_step(self, **numbers) -> "RunRecorder":
+        """Append one pruning step ({step, speedup, quality, ...})."""
+        missing = {"step", "speedup", "quality"} - set(numbers)
+        if missing:
+            raise ReportError(f"log_step needs step, speedup and quality; missing {sorted(missing)}")
+        self.data.setdefault("steps", []).append(_clean(numbers))
+        self._write()
+        return self
+
+    def finish(self) -> None:
+        """Mark the run complete (write the COMPLETE marker after the last metrics.json update)."""
+        self._write()
+        open(os.path.join(self.run_dir, COMPLETE), "w").close()
+
+    def _write(self):
+        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=".metrics.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.data, f, indent=1, allow_nan=False)
+        os.replace(tmp, os.path.join(self.run_dir, METRICS))
+
+
+def load_run(src: Union[str, os.PathLike, Dict[str, Any]]) -> Dict[str, Any]:
+    """Run data as a dict with "complete" (bool) and "missing" (absent sections) filled in."""
+    if isinstance(src, Mapping):
+        data = _clean(dict(src))
+        complete = data.get("complete", True) is not False
+        source = "<dict>"
+    else:
+        path = str(src)
+        run_dir = os.path.dirname(path) if path.endswith(".json") else path
+        mpath = path if path.endswith(".json") else os.path.join(path, METRICS)
+        if not os.path.isdir(run_dir):
+            raise ReportError(f"run directory {run_dir} does not exist")
+        data = {}
+        if os.path.exists(mpath):
+            try:
+                with open(mpath) as f:
+                    data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ReportError(f"{mpath} is not valid JSON ({e}); was it written atomically? "
+                                  f"RunRecorder writes it safely") from e
+            if not isinstance(data, dict):
+                raise ReportError(f"{mpath} must hold a JSON object, found {type(data).__name__}")
+        complete = os.path.exists(os.path.join(run_dir, COMPLETE))
+        source = run_dir
+    missing = [s for s in SECTIONS if not data.get(s)]
+    data["complete"] = bool(complete and not missing)
+    data["missing"] = missing
+    data["marker_found"] = complete
+    data["source"] = source
+    return data
