@@ -237,9 +237,9 @@ class InputStats:
 
 
 def owl_block_sparsity(outlier_ratios, sparsity: float, lam: float):
-    """OWL layer-wise sparsities: map outlier ratios linearly to densities in [1-s-lam, 1-s+lam] (more
-    outliers -> denser), then shift so the mean sparsity equals `sparsity` exactly (Yin et al. 2023,
-    arXiv:2310.05175). Returns a list of floats, one per block."""
+    """OWL layer-wise sparsities: map outlier ratios linearly onto densities spanning 2*lam (more outliers ->
+    denser), then shift so the mean sparsity equals `sparsity` exactly (Yin et al. 2023, arXiv:2310.05175,
+    as in their code). Returns a list of floats, one per block, clipped to [0, 1)."""
     r = torch.as_tensor(list(outlier_ratios), dtype=torch.float64)
     if r.numel() == 0:
         return []

@@ -46,9 +46,9 @@ class Sparse(Config):
     targets     regexes (re.search on module names) selecting linear layers; default: every nn.Linear /
                 Conv1D except lm_head, embeddings and weights tied to the input embedding.
     ignore      regexes of module names to leave dense.
-    owl         outlier-weighted layerwise sparsity: blocks with more activation outliers get lower sparsity,
-                spread over [s - owl_lambda, s + owl_lambda], mean exactly s. owl_m: outlier threshold as a
-                multiple of the mean Wanda score.
+    owl         outlier-weighted layerwise sparsity: blocks with more activation outliers get lower sparsity;
+                block sparsities span 2 * owl_lambda and average exactly `sparsity`. owl_m: outlier threshold
+                as a multiple of the mean Wanda score.
     dampening   SparseGPT: fraction of the mean Hessian diagonal added to it. blocksize: columns per lazy update.
     sequential  feed each pruned block's outputs to the next block (errors get compensated downstream).
     pipeline    "layerwise" (block by block, low memory) or "whole" (one forward with hooks everywhere,
@@ -110,9 +110,10 @@ class Sparse(Config):
         check_type(o, "owl_m", self.owl_m, (int, float), "a number")
         check_type(o, "dampening", self.dampening, (int, float), "a number")
         check_type(o, "blocksize", self.blocksize, int, "a positive int")
-        if self.owl and not (0.0 <= self.owl_lambda <= self.sparsity and self.sparsity + self.owl_lambda < 1.0):
-            raise ConfigError(f"{o}.owl_lambda={self.owl_lambda} must keep every block's sparsity in [0, 1): need "
-                              f"0 <= owl_lambda <= sparsity ({self.sparsity}) and sparsity + owl_lambda < 1")
+        if self.owl and not (0.0 <= 2 * self.owl_lambda <= self.sparsity and self.sparsity + 2 * self.owl_lambda < 1):
+            # block sparsities span 2*lambda around the mean, so each may sit up to 2*lambda from it
+            raise ConfigError(f"{o}.owl_lambda={self.owl_lambda} could push a block's sparsity outside [0, 1): "
+                              f"need 0 <= 2*owl_lambda <= sparsity ({self.sparsity}) and sparsity + 2*owl_lambda < 1")
         if self.owl_m <= 0:
             raise ConfigError(f"{o}.owl_m must be > 0 (outliers are scores above owl_m x mean), got {self.owl_m!r}")
         if self.dampening < 0:
