@@ -192,6 +192,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _config_diff(old: Any, new: Any, prefix: str = "") -> list:
+    """[(dotted key, old value, new value)] for every leaf that differs between two JSON-like configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _config_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
 class Run:
     """One run directory (see the module docstring for its layout).
 
@@ -228,9 +238,9 @@ class Run:
             self.write_config(config)
             return
         config = json.loads(json.dumps(config))                          # tuples -> lists, as stored
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        diff = _config_diff(old, config)
         if diff:
-            details = ", ".join(f"{k}: stored {old.get(k)!r} vs now {config.get(k)!r}" for k in diff)
+            details = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, a, b in diff)
             raise RunError(f"run directory {self.path} was started with a different config ({details}). "
                            f"Resume with the same options, or use a new checkpoint_dir.")
 
