@@ -161,3 +161,48 @@ def test_latest_pointing_nowhere_is_reported(tmp_path):
     (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps({"name": "step-00000005", "step": 5}))
     with pytest.raises(RunError, match="missing or incomplete"):
         r.latest_checkpoint()
+
+
+def test_resume_by_dataset_name_needs_no_data_argument(tmp_path):
+    opts = dict(epochs=2, lr=1e-2, max_steps=30, checkpoint_every=10, quiet=True)
+    straight = recover(net(), data="digits", **opts)                       # 23 batches/epoch, task loss
+
+    def crash(ev):
+        if ev["step"] == 25:
+            raise Crash()
+    with pytest.raises(Crash):
+        recover(net(), data="digits", checkpoint_dir=tmp_path, callback=crash, **opts)
+    assert json.loads((tmp_path / "config.json").read_text())["data"] == "digits"
+    assert_same_weights(straight, resume(tmp_path, net(), quiet=True))
+
+
+def test_lora_run_resumes_bit_identically(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (16, 12))
+    batches = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+               for i in range(0, 16, 4)]
+
+    def student():
+        s = transformers.LlamaForCausalLM(cfg)
+        s.load_state_dict(teacher.state_dict())
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in s.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return s
+    opts = dict(epochs=3, lr=1e-2, quiet=True, lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    straight = recover(student(), teacher=teacher, data=batches, **opts)
+
+    def crash(ev):
+        if ev["event"] == "epoch_end" and ev["epoch"] == 0:
+            raise Crash()
+    with pytest.raises(Crash):
+        recover(student(), teacher=teacher, data=batches, checkpoint_dir=tmp_path, callback=crash, **opts)
+    resumed = recover(student(), teacher=teacher, data=batches, checkpoint_dir=tmp_path, **opts)
+    assert type(resumed).__name__ == "LlamaForCausalLM"
+    assert_same_weights(straight, resumed)

@@ -128,7 +128,7 @@ def _cached_weights_path() -> Path:
 
 
 def fashion_mnist_cnn(pretrained: bool = True, quiet: bool = False) -> FashionMNISTResNet:
-    """The reference Fashion-MNIST ResNet (about 80k parameters, >= 90% test accuracy when pretrained).
+    """The reference Fashion-MNIST ResNet (96k parameters; 91.6% test accuracy when pretrained).
 
     pretrained=True loads ~/.cache/prunekit/fashion_mnist_cnn-v1.safetensors, training and caching it on
     first use (seed 0, 4 epochs; a few minutes on 2 CPU threads). Needs Debian's dataset-fashion-mnist."""

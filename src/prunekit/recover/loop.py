@@ -192,6 +192,10 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
               ({"event": "epoch_end", ...}), after the checkpoint; returning False stops training.
     task_loss_fn: custom task loss `fn(model_output, targets) -> scalar` instead of cross-entropy.
 
+    Side effects, on purpose: torch/numpy/python RNGs are seeded with `seed` (reproducible runs), and the
+    model and teacher are moved to `device` (default: the model's device); the teacher is used in eval mode
+    and its mode restored at the end.
+
     Parametrized weights (torch.nn.utils.parametrize masks) stay parametrized, so masked entries stay zero.
     In a torch.distributed job (torchrun) the model is wrapped in DDP and each global batch is split
     across processes; BatchNorm then sees per-process statistics, as with any DDP training.
