@@ -196,3 +196,9 @@ def test_lora_on_tiny_llama_is_merged_back():
     assert torch.equal(out.model.layers[0].self_attn.k_proj.weight, k0)       # not targeted: untouched
     student = out
     assert kd() < before
+
+
+def test_progress_bar_is_silent_when_not_a_tty(digits, capsys):
+    recover(mlp(seed=7), data=digits, epochs=1, lr=1e-2, quiet=False)
+    err = capsys.readouterr().err                                          # pytest's capture is not a TTY
+    assert "recover epoch" not in err

@@ -75,10 +75,11 @@ def call_model(model: nn.Module, inputs: Any):
 
 
 def split_batch(batch: Any) -> Tuple[Any, Any]:
-    """A batch is `(inputs, targets)` (tuple/list of two) or the inputs alone (targets None)."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch, str):
-        if not (isinstance(batch, list) and all(isinstance(b, str) for b in batch)):
-            return batch[0], batch[1]
+    """A batch is `(inputs, targets)` (a tuple or list of two) or the inputs alone (targets None).
+
+    A list of two strings is inputs (two texts), not an (inputs, targets) pair."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not all(isinstance(b, str) for b in batch):
+        return batch[0], batch[1]
     return batch, None
 
 

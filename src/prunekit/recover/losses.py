@@ -1,7 +1,7 @@
 """Loss pieces of recovery: logits extraction, temperature-scaled KD, task loss and feature matching."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
