@@ -206,3 +206,16 @@ def test_lora_run_resumes_bit_identically(tmp_path):
     resumed = recover(student(), teacher=teacher, data=batches, checkpoint_dir=tmp_path, **opts)
     assert type(resumed).__name__ == "LlamaForCausalLM"
     assert_same_weights(straight, resumed)
+
+
+def test_metrics_json_keeps_sections_written_by_others(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"summary": {"metric": "accuracy", "rows": []}}))
+    r = Run(tmp_path)
+    r.log_metrics(3, loss=0.5)
+    r.log_metrics(6, loss=0.25)
+    r.log_metrics(6, loss=0.2)                                             # a resumed attempt replaces step 6
+    r.set_final(status="completed")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["summary"] == {"metric": "accuracy", "rows": []}
+    assert m["history"] == [{"step": 3, "loss": 0.5}, {"step": 6, "loss": 0.2}]
+    assert m["final"] == {"status": "completed"}

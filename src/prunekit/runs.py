@@ -253,6 +253,8 @@ class Run:
             f.write(f"{stamp} {message}\n")
 
     def read_metrics(self) -> Dict[str, Any]:
+        """metrics.json as a dict. Keys written by others (prunekit.report's "summary", "steps", ...) are kept
+        on every rewrite: this class only owns "history" (per-epoch rows) and "final"."""
         p = self.path / "metrics.json"
         return json.loads(p.read_text()) if p.exists() else {"history": [], "final": {}}
 
@@ -264,7 +266,7 @@ class Run:
         if self.rank != 0:
             return
         m = self.read_metrics()
-        m["history"] = [r for r in m["history"] if r["step"] < step] + [{"step": step, **values}]
+        m["history"] = [r for r in m.get("history", []) if r["step"] < step] + [{"step": step, **values}]
         atomic_write_json(self.path / "metrics.json", m)
 
     def set_final(self, **values: Any) -> None:
