@@ -358,3 +358,39 @@ def test_bert_pooler_outside_blocks_is_pruned_too():
     res = pk.prune(model, Sparse(sparsity=0.5, method="sparsegpt"), data=data)
     assert res.stats["sparsity"]["pooler.dense"] == pytest.approx(0.5)
     assert len(res.stats["sparsity"]) == 13
+
+
+def test_layers_reading_the_same_tensor_share_statistics():
+    from prunekit.sparse.prune import _attach_stats
+    model = tiny_llama(layers=1)
+    mods = dict(model.named_modules())
+    names = [n for n in mods if n.startswith("model.layers.0.") and isinstance(mods[n], nn.Linear)]
+    live, seen = {}, {}
+    handles = _attach_stats(mods, names, True, True, live)
+    handles += [mods[n].register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].clone()))
+                for n in names]
+    for x in calib(n=2):
+        logits(model, x)
+    for h in handles:
+        h.remove()
+    p = "model.layers.0."
+    assert live[p + "self_attn.q_proj"] is live[p + "self_attn.k_proj"] is live[p + "self_attn.v_proj"]
+    assert live[p + "mlp.gate_proj"] is live[p + "mlp.up_proj"]
+    assert len({id(s) for s in live.values()}) == 4            # qkv, o, gate/up, down
+    for n in names:                                             # shared or not, the statistics are each layer's own
+        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[n]])
+        torch.testing.assert_close(live[n].H, 2.0 / X.shape[0] * X.T @ X, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_that_never_run_are_left_dense_and_reported():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, 8)
+            self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, input_ids):
+            return self.used(self.emb(input_ids))
+    res = pk.prune(Net(), Sparse(method="wanda", pipeline="whole", sequential=False), data=calib())
+    assert res.stats["skipped"] == ["unused"]
+    assert res.stats["sparsity"] == {"used": 0.5, "unused": 0.0}

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import re
 import time
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -187,19 +188,36 @@ def _prune_layer(module: nn.Module, cfg: Sparse, sparsity: float, stats: Optiona
         apply_mask(module, keep, new_W)
 
 
-def _attach_stats(modules: Dict[str, nn.Module], names: List[str], hessian: bool, norms: bool):
-    """Forward pre-hooks feeding each named layer's input into an InputStats. Returns (stats, handles)."""
-    stats, handles = {}, []
-    for n in names:
-        mod = modules[n]
-        W = weight_2d(mod)
-        st = stats[n] = InputStats(W.shape[1], hessian=hessian, norms=norms, device=W.device)
+def _attach_stats(modules: Dict[str, nn.Module], names: List[str], hessian: bool, norms: bool,
+                  into: Dict[str, InputStats]) -> List:
+    """Forward pre-hooks that feed each named layer's input into an InputStats stored in `into[name]`.
 
-        def hook(_m, args, kwargs, st=st):
+    Layers that read the very same tensor object as the layer hooked just before them (q/k/v reading one
+    normalized hidden state, gate/up in a gated MLP) share one InputStats: same statistics, computed once
+    (the Hessian accumulation is the expensive part). Identity is checked through a weak reference, so a
+    freed tensor whose memory is reused can never be mistaken for the shared one. Returns hook handles."""
+    last: List = [None, None]                          # (weakref to last hooked input, its InputStats)
+    shared = set()
+    handles = []
+    for n in names:
+        W = weight_2d(modules[n])
+
+        def hook(_m, args, kwargs, n=n, cols=W.shape[1], dev=W.device):
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            if n in shared:
+                return
+            st = into.get(n)
+            if st is None:                              # first batch: decide whether to share
+                prev = last[0]() if last[0] is not None else None
+                if prev is x and last[1].columns == cols:
+                    into[n] = last[1]
+                    shared.add(n)
+                    return
+                st = into[n] = InputStats(cols, hessian=hessian, norms=norms, device=dev)
             st.add_batch(x)
-        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    return stats, handles
+            last[0], last[1] = weakref.ref(x), st
+        handles.append(modules[n].register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
 
 
 def _group_targets(names: List[str], prefix: Optional[str], n_blocks: int) -> Tuple[Dict[int, List[str]], List[str]]:
@@ -240,6 +258,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     modules = dict(model.named_modules())
     t0 = time.perf_counter()
     layer_sparsity = {n: cfg.sparsity for n in names}
+    skipped: List[str] = []
     owl_info = None
     prefix, n_blocks = None, 0
 
@@ -262,13 +281,15 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
         live: Dict[str, InputStats] = {}
 
         def observe(group: List[str]):
-            stats, handles = _attach_stats(modules, group, hessian, norms)
-            live.update(stats)
-            return handles
+            return _attach_stats(modules, group, hessian, norms, live)
 
         def update(group: List[str]):
             for n in group:                                  # pop: each Hessian is freed once used
-                _prune_layer(modules[n], cfg, layer_sparsity[n], live.pop(n))
+                st = live.pop(n, None)
+                if st is None:                               # the layer never ran on the calibration data
+                    skipped.append(n)
+                    continue
+                _prune_layer(modules[n], cfg, layer_sparsity[n], st)
 
         if cfg.pipeline == "layerwise":
             run_layerwise(model, batches,
@@ -294,7 +315,10 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
         "owl": owl_info,
     }
     stats = {"sparsity": measured["layers"], "sparsity_total": measured["total"], "zeros": measured["zeros"],
-             "params_targeted": measured["params"], "seconds": seconds}
+             "params_targeted": measured["params"], "seconds": seconds, "skipped": skipped}
+    if skipped:
+        log.warning("Sparse: %d target layers never ran on the calibration data and were left dense: %s",
+                    len(skipped), ", ".join(skipped[:5]))
     if cfg.bake:
         stats["baked"] = bake(model)
     return PruneResult(model=model, plan=plan, config=cfg, stats=stats)
@@ -309,12 +333,11 @@ def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, off
     live: Dict[str, InputStats] = {}
 
     def observe(group: List[str]):
-        stats, handles = _attach_stats(modules, group, hessian=False, norms=True)
-        live.update(stats)
-        return handles
+        return _attach_stats(modules, group, False, True, live)
 
     def measure(groups: Dict[object, List[str]]):
         for key, group in groups.items():
+            group = [n for n in group if n in live]          # layers that ran on the calibration data
             if group:
                 ratios[key] = _owl_ratio(modules, group, live, cfg.owl_m)
         live.clear()
