@@ -9,6 +9,7 @@ import time
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -16,7 +17,7 @@ from . import scores as S
 from .api import PruneResult
 from .config import Config, ConfigError, register_config, register_handler
 from .graph.groups import DependencyGraph, Group
-from .graph.trace import GraphError
+from .graph.tracer import GraphError
 from .surgery import apply_kept
 
 
@@ -121,7 +122,7 @@ def _group_ratio(g: Group, ratio) -> float:
     found = []
     for pat, r in ratio.items():
         rx = re.compile(pat)
-        if any(rx.fullmatch(m) or m.startswith(pat + ".") or m == pat for m in g.modules):
+        if any(rx.fullmatch(m) or m.startswith(pat + ".") or m == pat for m in (g.producers or g.modules)):
             found.append(float(r))
     return min(found) if found else 0.0
 
@@ -227,8 +228,10 @@ def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> 
         for d, ids in enumerate(rec.out_blocks):
             if ids is None:
                 continue
-            old = ids.numel()
-            new = int((~flag[graph.comp_of_id[ids.numpy()]]).sum())
+            old = ids.shape[0]
+            ids = ids.numpy()
+            alive = ~flag[graph.comp_of_id[np.where(ids >= 0, ids, 0)]] | (ids < 0)
+            new = int(alive.any(1).sum())       # positions along the dim that keep any element
             if new == old or rec.sizes[d] != old:
                 continue
             try:
@@ -243,7 +246,15 @@ def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> 
                     raise GraphError(f"module '{rec.module}' attribute '{attr}'={old} would need two new values "
                                      f"({updates[key]} and {new}); pass ignore=['{rec.module}']")
                 updates[key] = new
-    return [[m, a, v] for (m, a), v in sorted(updates.items())]
+    out = [[m, a, v] for (m, a), v in sorted(updates.items())]
+    for mod, attr, parts in graph.trace.split_attrs:      # split sizes kept in a module attribute
+        new_sizes = []
+        for p in parts:
+            a = p.numpy()
+            alive = ~flag[graph.comp_of_id[np.where(a >= 0, a, 0)]] | (a < 0)
+            new_sizes.append(int(alive.any(1).sum()))
+        out.append([mod, attr, new_sizes])
+    return out
 
 
 def _outputs(out):
@@ -260,6 +271,17 @@ def run_model(model, example_inputs):
         if isinstance(example_inputs, (tuple, list)):
             return model(*example_inputs)
         return model(example_inputs)
+
+
+def remove_units(model: nn.Module, graph: DependencyGraph, removed: Dict[int, torch.Tensor]):
+    """Lower-level API: cut exactly the given units ({group index: bool mask}) from a copy of `model`.
+
+    Returns (pruned copy, kept indices, attribute updates). `model` is not modified."""
+    kept = graph.kept_indices(removed)
+    attrs = _literal_attr_updates(graph, model, removed)
+    pruned = copy.deepcopy(model)
+    apply_kept(pruned, kept, attrs)
+    return pruned, kept, attrs
 
 
 def _validate(pruned, example_inputs, base_out):
@@ -323,11 +345,8 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         else:
             removed = allocate(graph, sc, cfg)
         t_alloc = time.perf_counter() - t0
-        kept = graph.kept_indices(removed)
-        attrs = _literal_attr_updates(graph, model, removed)
+        pruned, kept, attrs = remove_units(model, graph, removed)
         base_out = _outputs(graph.trace.output)
-        pruned = copy.deepcopy(model)
-        apply_kept(pruned, kept, attrs)
         failure = _validate(pruned, example_inputs, base_out)
         if failure is None:
             break

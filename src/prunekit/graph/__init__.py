@@ -1,3 +1,3 @@
 """Tracing and dependency groups: which parameter slices must be removed together."""
 from .groups import DependencyGraph, Group, Member
-from .trace import GraphError, trace
+from .tracer import GraphError, trace

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .trace import Slot, Trace, trace
+from .tracer import Slot, Trace, trace
 
 
 @dataclass
@@ -36,14 +36,40 @@ class Group:
     unit_size: int = 1          # positions per unit on the first weight member (e.g. head_dim for heads)
     comps: Optional[np.ndarray] = None   # component label of each unit
 
+    producers: List[str] = field(default_factory=list)   # modules whose outputs these channels are
+
     @property
     def modules(self) -> List[str]:
-        return sorted({m.name.rsplit(".", 1)[0] for m in self.members})
+        return sorted({m.name.rpartition(".")[0] for m in self.members})
 
     def describe(self) -> str:
         names = ", ".join(f"{m.name}[{m.dim}]" for m in self.members[:6])
         more = f" +{len(self.members) - 6}" if len(self.members) > 6 else ""
         return f"group {self.index}: {self.n_units} units x {self.unit_size}: {names}{more}"
+
+
+def enforce_rectangular(tr: Trace):
+    """A channel dim split by a reshape into a grid (heads x head_dim, shuffle groups x channels) must stay a
+    product: the kept set is K_a x everything along one axis a. Where the coupling found so far does not
+    already make every slab along some axis one unit, merge the slabs along the longest axis."""
+    if not tr.grids:
+        return
+    labels = tr.space.components()
+    for g in tr.grids:
+        ids = g.numpy()
+        comp = np.where(ids >= 0, labels[np.where(ids >= 0, ids, 0)], -1)
+        k = comp.ndim
+        consistent = []
+        for a in range(k):
+            moved = np.moveaxis(comp, a, 0).reshape(comp.shape[a], -1)
+            ok = all(len(set(row[row >= 0].tolist())) <= 1 for row in moved)
+            if ok:
+                consistent.append(a)
+        if consistent:
+            continue
+        a = int(np.argmax(comp.shape))
+        slabs = g.movedim(a, 0).reshape(g.shape[a], -1)
+        tr.space.union(slabs[:, :1].expand_as(slabs), slabs)
 
 
 class DependencyGraph:
@@ -58,6 +84,7 @@ class DependencyGraph:
 
     def _build(self):
         tr = self.trace
+        enforce_rectangular(tr)
         labels = tr.space.components()
         self.comp_of_id = labels
         pin = labels[0]
@@ -103,12 +130,22 @@ class DependencyGraph:
                 members.append(Member(slot.name, slot.dim, slot.is_buffer, torch.from_numpy(np.concatenate(pos_l)),
                                       torch.from_numpy(np.concatenate(unit_l))))
             comps = np.array([comp_of[starts[u]] for u in units])
+            producers = sorted({m.name.rpartition(".")[0] for m in members if not m.is_buffer
+                                and not self.is_consumer(m)})
             g = Group(len(self.groups), len(units), members, exact=not bool(stat_comps & set(comps.tolist())),
-                      comps=comps)
+                      comps=comps, producers=producers)
             w = [m for m in members if not m.is_buffer and self._tensor(m.name).dim() >= 2] or members
             g.unit_size = int(w[0].pos.numel() // len(units))
             self.groups.append(g)
         self.pin_comp = pin
+
+    def is_consumer(self, member: Member) -> bool:
+        """True for the input side of a Linear/Conv weight: zeroing it does not silence the channel."""
+        mod_name, _, attr = member.name.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        if attr == "weight" and isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            return member.dim == (0 if getattr(mod, "transposed", False) else 1)
+        return False
 
     def _tensor(self, name) -> torch.Tensor:
         return self.params[name] if name in self.params else self.buffers[name]
@@ -123,9 +160,13 @@ class DependencyGraph:
         return flag
 
     def _kept_fraction(self, ids: torch.Tensor, flag: np.ndarray) -> float:
+        """Fraction of positions that survive; `ids` is (positions,) or (positions, elements per position)."""
         if ids.numel() == 0:
             return 1.0
-        return 1.0 - float(flag[self.comp_of_id[ids.numpy()]].mean())
+        a = ids.numpy()
+        a2 = a.reshape(a.shape[0], -1)
+        alive = ~flag[self.comp_of_id[np.where(a2 >= 0, a2, 0)]] | (a2 < 0)
+        return float(alive.any(1).mean())
 
     def macs(self, removed: Optional[Dict[int, torch.Tensor]] = None) -> int:
         flag = self.removed_comps(removed or {})

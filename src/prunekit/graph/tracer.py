@@ -50,7 +50,7 @@ class ReshapeRecord:
     module: str
     op: str
     sizes: List[int]
-    out_blocks: List[Optional[torch.Tensor]]  # per output dim: 1-D id vector if tracked, else None
+    out_blocks: List[Optional[torch.Tensor]]  # per output dim: (size, rest) ids of the block tracking it, or None
 
 
 @dataclass
@@ -61,6 +61,8 @@ class Trace:
     reshapes: List[ReshapeRecord]
     stat_ids: List[torch.Tensor]            # ids normalized together (LayerNorm/GroupNorm over them)
     conv_groups: Dict[str, int]             # module name -> groups of grouped convs seen
+    grids: List[torch.Tensor] = field(default_factory=list)
+    split_attrs: List[Tuple[str, str, List[torch.Tensor]]] = field(default_factory=list)
     output: Any = None
     n_ops: int = 0
 
@@ -145,6 +147,10 @@ class Tracer(TorchFunctionMode):
         self.reshapes: List[ReshapeRecord] = []
         self.stat_ids: List[torch.Tensor] = []
         self.conv_groups: Dict[str, int] = {}
+        self.grids: List[torch.Tensor] = []     # multi-dim blocks (a channel dim split by a reshape)
+        self.split_attrs: List[Tuple[str, str, List[torch.Tensor]]] = []
+        self._module_by_name = dict(model.named_modules())
+        self._grid_seen = set()
         self.module_stack: List[str] = [""]
         self.ignore_patterns = [re.compile(p) for p in ignore]
         self.n_ops = 0
@@ -189,6 +195,11 @@ class Tracer(TorchFunctionMode):
     def set(self, t, blocks):
         if isinstance(t, torch.Tensor):
             blocks = [b for b in blocks if b is not None and len(tracked(b, t.shape)) > 0]
+            for b in blocks:
+                td = tracked(b, t.shape)
+                if len(td) >= 2 and id(b) not in self._grid_seen:
+                    self._grid_seen.add(id(b))
+                    self.grids.append(b.reshape([b.shape[d] for d in td]))
             self.labels[id(t)] = blocks
             self.keep.append(t)
 
@@ -207,6 +218,22 @@ class Tracer(TorchFunctionMode):
                 self.space.union(out, r)
                 out = torch.broadcast_tensors(out, r)[0] if out.numel() < r.numel() else out
         return out
+
+    def ids_along(self, t: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+        """All ids of blocks that track `dim` (no unions: for bookkeeping only)."""
+        dim = dim % t.dim()
+        found = [b.reshape(-1) for b in self.blocks(t) if dim in tracked(b, t.shape)]
+        return torch.cat(found) if found else None
+
+    def dim_ids(self, t: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+        """(size, rest) ids of the block tracking `dim` (no unions): row i = what sits at position i."""
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dim = dim % t.dim()
+        for b in self.blocks(t):
+            if dim in tracked(b, t.shape):
+                return b.movedim(dim, 0).reshape(t.shape[dim], -1)
+        return None
 
     def rep_vec(self, t: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
         r = self.rep(t, [dim])
@@ -258,6 +285,10 @@ class Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = op_name(func)
+        if name == "__iter__" and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            items = list(out)   # `a, b, c = t` iterates: same as unbind(0)
+            self.movement("unbind", torch.unbind, (args[0],), {}, tuple(items))
+            return iter(items)
         if name in IGNORED:
             return out
         self.n_ops += 1
@@ -305,7 +336,7 @@ class Tracer(TorchFunctionMode):
                     if name in ("softmax", "log_softmax", "_softmax"):
                         dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
                         if isinstance(dim, int):
-                            self.stat(self.rep_vec(src, dim) if dim % src.dim() in self._tracked_dims(src) else None)
+                            self.stat(self.ids_along(src, dim))
                     return
             return self.elementwise(args, kwargs, out)
         if name in ELEMENTWISE:
@@ -383,6 +414,8 @@ class Tracer(TorchFunctionMode):
             return
         if name in ("view", "reshape", "unflatten", "expand", "repeat", "flatten", "view_as", "reshape_as"):
             self._record_reshape(name, args, kwargs, out)
+        if name in ("chunk", "split", "tensor_split", "split_with_sizes"):
+            self._equal_parts(name, src, args, kwargs, outs)
         new_blocks: Dict[int, List[torch.Tensor]] = {id(o): [] for o in outs}
         for b in self.blocks(src):
             probe = b.to(torch.float64).expand(src.shape).contiguous()
@@ -409,6 +442,46 @@ class Tracer(TorchFunctionMode):
                     new_blocks[id(o)].append(c)
         for o in outs:
             self.set(o, new_blocks[id(o)])
+
+    def _equal_parts(self, name, src, args, kwargs, outs):
+        """chunk/split cut a channel dim by count: every part must lose the same local positions.
+
+        A split by an explicit list of sizes can only follow pruning if the list is a module attribute
+        (recorded for update); a list written literally in forward() pins the dim."""
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        dim = dim % src.dim()
+        if dim not in self._tracked_dims(src):
+            return
+        sizes = [o.shape[dim] for o in outs]
+        spec = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("chunks"))
+        if isinstance(spec, (list, tuple)) and name != "chunk":
+            mod_name = self.module_stack[-1]
+            owner = self._module_by_name.get(mod_name)
+            attr = None
+            if owner is not None:
+                for k, v in vars(owner).items():
+                    if isinstance(v, (list, tuple)) and list(v) == list(spec) and not k.startswith("_"):
+                        attr = k
+                        break
+            if attr is None:
+                for b in self.blocks(src):
+                    if b.shape[dim] > 1:
+                        self.space.pin(b)
+                return
+            ids = self.dim_ids(src, dim)
+            parts, off = [], 0
+            for n in sizes:
+                parts.append(ids[off:off + n])
+                off += n
+            self.split_attrs.append((mod_name, attr, parts))
+            return
+        if len(set(sizes)) != 1:
+            for b in self.blocks(src):
+                if b.shape[dim] > 1:
+                    self.space.pin(b)
+            return
+        r = self.rep_vec(src, dim).view(len(sizes), sizes[0])      # (parts, per part)
+        self.space.union(r[:1].expand_as(r), r)
 
     def _record_reshape(self, name, args, kwargs, out):
         if not isinstance(out, torch.Tensor):
@@ -438,25 +511,22 @@ class Tracer(TorchFunctionMode):
         if name == "stack":
             ins = args[0] if args else kwargs.get("tensors")
             ins = [t for t in ins if isinstance(t, torch.Tensor)]
-        # 1) the concat dim: ids laid end to end
+        # 1) the concat dim: ids laid end to end (probes keep any grid structure, e.g. rotate_half on heads)
         along = []
         any_along = False
         for t in ins:
             tt = t if name != "stack" else t.unsqueeze(dim)
-            n = tt.shape[dim]
-            r = self.rep_vec(t, dim) if name != "stack" and dim in self._tracked_dims(t) else None
-            if r is not None:
+            bl = [b for b in self.blocks(t) if name != "stack" and dim in tracked(b, t.shape)]
+            if bl:
                 any_along = True
-                along.append(r)
+                along.append(bl[0].to(torch.float64).expand(tt.shape))
             else:
-                along.append(torch.full((n,), -1, dtype=torch.long))
+                along.append(torch.full(tt.shape, -1.0, dtype=torch.float64))
         blocks = []
         if any_along:
-            shape = [1] * nd
-            shape[dim] = o.shape[dim]
-            vec = torch.cat(along)
-            # untracked pieces next to tracked ones: the whole dim keeps its layout where data is outside
-            blocks.append(vec.view(shape))
+            c = compress(torch.cat(along, dim))
+            if c is not None:
+                blocks.append(c)
         # 2) other dims: all inputs hold the same channels there
         others = []
         for i, t in enumerate(ins):
@@ -512,7 +582,7 @@ class Tracer(TorchFunctionMode):
         if name in STAT_REDUCE:
             for d in dims:
                 if d in td:
-                    self.stat(self.rep_vec(src, d))
+                    self.stat(self.ids_along(src, d))
         keep = [d for d in range(src.dim()) if d not in dims]
         blocks = []
         for b in self.blocks(src):
@@ -541,8 +611,8 @@ class Tracer(TorchFunctionMode):
             self.set(o, blocks if o.dim() == src.dim() else [])
 
     def cost(self, base, factors, op):
-        self.costs.append(CostTerm(int(base), [f.reshape(-1) for f in factors if f is not None],
-                                   self.module_stack[-1], op))
+        self.costs.append(CostTerm(int(base), [f if f.dim() == 2 else f.reshape(-1, 1) for f in factors
+                                               if f is not None], self.module_stack[-1], op))
 
 
 # ====================================================================================== op rules
@@ -569,7 +639,7 @@ def rule_linear(tr: Tracer, args, kwargs, out):
         if out.dim() - 1 not in tracked(blk, x.shape) and x.dim() == out.dim():
             blocks.append(blk)
     tr.set(out, blocks)
-    tr.cost(out.numel() * w.shape[1], [rows, tr.rep_vec(w, 1)], "linear")
+    tr.cost(out.numel() * w.shape[1], [tr.dim_ids(w, 0), tr.dim_ids(w, 1)], "linear")
 
 
 def rule_conv(tr: Tracer, args, kwargs, out, transpose=False):
@@ -624,7 +694,8 @@ def rule_conv(tr: Tracer, args, kwargs, out, transpose=False):
         blocks.append(rows.view(shape))
     tr.set(out, blocks)
     k = math.prod(w.shape[2:])
-    tr.cost(out.numel() * (C // g) * k, [rows, xr if g == 1 or (C // g) > 1 else None], "conv")
+    tr.cost(out.numel() * (C // g) * k, [tr.dim_ids(out, 1), tr.dim_ids(x, 1) if g == 1 or (C // g) > 1 else None],
+            "conv")
 
 
 def rule_batch_norm(tr: Tracer, args, kwargs, out):
@@ -663,7 +734,7 @@ def rule_layer_norm(tr: Tracer, args, kwargs, out):
                 for blk in tr.blocks(x):
                     if blk.shape[d] > 1:
                         tr.space.pin(blk)
-            tr.stat(tr.rep_vec(x, d))
+            tr.stat(tr.ids_along(x, d))
     tr.set(out, list(tr.blocks(x)))
 
 
@@ -738,13 +809,9 @@ def rule_matmul(tr: Tracer, args, kwargs, out):
         if rb is None or not any(ra.shape[d] > 1 and align(rb, nd).shape[d] > 1 for d in range(nd)):
             blocks.append(ra)
     tr.set(out, blocks)
-    ka = tr.rep_vec(a, a.dim() - 1) if (a.dim() - 1) in tr._tracked_dims(a) else None
-    heads = None
-    if pairs_a:
-        hd = [d for d in pairs_a if d in tr._tracked_dims(a)]
-        if hd:
-            heads = tr.rep_vec(a, hd[0])
-    tr.cost(out.numel() * a.shape[-1], [heads, ka], "matmul")
+    # MACs scale with every kept output position and the kept contraction length
+    factors = [tr.dim_ids(out, d) for d in range(out.dim())] + [tr.dim_ids(a, a.dim() - 1)]
+    tr.cost(out.numel() * a.shape[-1], factors, "matmul")
 
 
 def rule_sdpa(tr: Tracer, args, kwargs, out):
@@ -783,7 +850,8 @@ def rule_sdpa(tr: Tracer, args, kwargs, out):
         if isinstance(mask, torch.Tensor):
             tr.elementwise((scores, mask), {}, scores)
         rule_matmul(tr, (scores, v), {}, out)
-    tr.cost(q.numel() * k.shape[-2] * 2, [tr.rep_vec(q, q.dim() - 3) if q.dim() >= 3 else None], "sdpa")
+    if gqa and hq != hk:
+        tr.cost(q.numel() * k.shape[-2] * 2, [tr.dim_ids(q, q.dim() - 3)], "sdpa")
 
 
 def rule_mha(tr: Tracer, args, kwargs, out):
@@ -905,7 +973,8 @@ def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) -> Trace
             tr._pending_reshape = None
             per_dim = []
             for d in range(o.dim()):
-                per_dim.append(tr.rep_vec(o, d) if d in tr._tracked_dims(o) else None)
+                bl = [b for b in tr.blocks(o) if d in tracked(b, o.shape)]
+                per_dim.append(bl[0].movedim(d, 0).reshape(o.shape[d], -1) if bl else None)
             tr.reshapes.append(ReshapeRecord(mod, nm, sizes, per_dim))
     tr.dispatch = dispatch_and_finish
     try:
@@ -923,4 +992,5 @@ def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) -> Trace
         for h in handles:
             h.remove()
     return Trace(space=tr.space, slots=tr.slots, costs=tr.costs, reshapes=tr.reshapes, stat_ids=tr.stat_ids,
-                 conv_groups=tr.conv_groups, output=output, n_ops=tr.n_ops)
+                 conv_groups=tr.conv_groups, output=output, n_ops=tr.n_ops, grids=tr.grids,
+                 split_attrs=tr.split_attrs)
