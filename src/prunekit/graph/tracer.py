@@ -495,7 +495,7 @@ class Tracer(TorchFunctionMode):
     def cat(self, name, args, kwargs, out):
         tensors = args[0] if args else kwargs.get("tensors")
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor) and not (t.dim() == 1 and t.numel() == 0)]
         o = out
         if name in ("stack", "hstack", "vstack") or not isinstance(o, torch.Tensor):
             if name == "stack":
@@ -511,6 +511,9 @@ class Tracer(TorchFunctionMode):
         if name == "stack":
             ins = args[0] if args else kwargs.get("tensors")
             ins = [t for t in ins if isinstance(t, torch.Tensor)]
+        if len(ins) == 1 and name != "stack":
+            self.set(o, list(self.blocks(ins[0])))
+            return
         # 1) the concat dim: ids laid end to end (probes keep any grid structure, e.g. rotate_half on heads)
         along = []
         any_along = False
