@@ -1,0 +1,558 @@
+"""Importance criteria for structured groups, as config objects usable wherever `Structured.importance` is.
+
+    pk.Structured(ratio=0.5, importance=Taylor(data=batches))           # first-order Taylor, |w * dL/dw|
+    pk.Structured(ratio=0.5, importance=Activation(data=batches, kind="apoz"))
+    pk.Structured(ratio=0.5, importance=BNScale())                       # network slimming
+    pk.Structured(ratio=0.5, importance=Magnitude(p=1, agg="max", norm=None))
+
+Every criterion is two layers:
+
+* a *pure function* from per-member channel values to per-unit scores (`combine`, `bn_scale_scores`,
+  `apoz_to_importance`, ...), unit-tested on hand-computed cases;
+* a *callable config* `(group, tensors) -> scores` that gathers what the function needs. Data-aware
+  criteria (Taylor, Activation) need the model: `prepare(model, graph)` runs the calibration batches once
+  (gradients or forward hooks) and caches per-tensor channel values, keyed by tensor *name*, so a graph that
+  is re-traced (structured pruning re-traces when it auto-ignores modules) still finds them.
+
+Scores are combined over the members of a group with `agg` ("sum" | "mean" | "max") after a per-member
+(`norm`: "mean" | "max" | "sum" | None) normalization, so a wide consumer matrix does not drown the
+producer's own weights. Higher = more important = kept.
+
+`sensitivity_ratios` is an allocation helper, not a criterion: it measures how much the calibration loss
+grows when each group alone is pruned, and returns per-group ratios (a `{regex: ratio}` dict that
+`Structured.ratio` accepts) that give sensitive groups less pruning under the same overall budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import scores as S
+from .config import Config, ConfigError, check_type, register_config
+
+AGGS = ("sum", "mean", "max")
+NORMS = ("mean", "max", "sum", None)
+ACTIVATION_KINDS = ("mean", "apoz")
+
+ChannelValues = Dict[Tuple[str, int], torch.Tensor]     # (tensor name, dim) -> one value per channel
+
+
+# --------------------------------------------------------------------------------------------- pure functions
+
+
+def aggregate(per_member: Sequence[torch.Tensor], agg: str = "sum") -> torch.Tensor:
+    """Combine per-member unit scores (each (n_units,)) into one score per unit: sum, mean or max."""
+    if not per_member:
+        raise ValueError("aggregate(): no member scores to combine")
+    stacked = torch.stack([s.double() for s in per_member])
+    if agg == "sum":
+        return stacked.sum(0)
+    if agg == "mean":
+        return stacked.mean(0)
+    if agg == "max":
+        return stacked.max(0).values
+    raise ValueError(f"aggregate(): agg must be one of {AGGS}, got {agg!r}")
+
+
+def combine(group, channel_values: ChannelValues, agg: str = "sum", norm: Optional[str] = "mean",
+            reduce: str = "sum") -> torch.Tensor:
+    """Per-unit scores of `group` from per-channel values of its members.
+
+    Each member (tensor name, dim) found in `channel_values` is reduced to units (`reduce` over the unit's
+    positions, e.g. the head_dim channels of one attention head), normalized per member (`norm`), then all
+    members are combined with `agg`. Members without values (buffers, tensors the criterion does not see)
+    are skipped; a group with none raises ValueError naming it."""
+    per = []
+    for m in group.members:
+        v = channel_values.get((m.name, m.dim))
+        if v is None:
+            continue
+        per.append(S.normalize(S.to_units(v.reshape(-1), m.pos, m.unit, group.n_units, reduce), norm))
+    if not per:
+        raise ValueError(f"no scored tensor in {group.describe()}; this criterion cannot rank it")
+    return aggregate(per, agg)
+
+
+def magnitude_channel_values(group, tensors: Dict[str, torch.Tensor], p: int = 2) -> ChannelValues:
+    """(name, dim) -> sum |w|^p of every slice along dim, for the parameter members of `group`."""
+    return {(m.name, m.dim): S.channel_norms(tensors[m.name], m.dim, p)
+            for m in group.members if not m.is_buffer and m.name in tensors}
+
+
+def bn_scale_scores(group, tensors: Dict[str, torch.Tensor], bn_weights: Iterable[str], agg: str = "sum",
+                    norm: Optional[str] = None) -> Optional[torch.Tensor]:
+    """Network slimming (Liu et al. 2017): |gamma| of the BatchNorms on the group's channels.
+
+    `bn_weights` are the names of BatchNorm weight tensors in the model. Returns None if the group has no
+    BatchNorm (the caller decides on a fallback)."""
+    bn = set(bn_weights)
+    vals = {(m.name, m.dim): S.bn_scale(tensors[m.name]) for m in group.members if m.name in bn and m.dim == 0}
+    if not vals:
+        return None
+    return combine(group, vals, agg=agg, norm=norm)
+
+
+def apoz_to_importance(apoz: torch.Tensor) -> torch.Tensor:
+    """APoZ (Hu et al. 2016) is the fraction of zero (<= 0 before ReLU) activations of a channel: a channel
+    that is almost always zero carries little. Importance = 1 - APoZ, so higher still means keep."""
+    return 1.0 - apoz.double()
+
+
+def channel_dim(module: nn.Module, out: torch.Tensor) -> int:
+    """Which dim of a producer module's output holds its channels: dim 1 for conv/batch-norm style modules
+    on (B, C, ...) tensors, the last dim for linear/layer-norm/embedding style modules."""
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                           nn.modules.instancenorm._InstanceNorm)) and out.dim() >= 2:
+        return 1
+    return out.dim() - 1
+
+
+def activation_stats(out: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(sum |a|, count of a <= 0, number of values) per channel of one output tensor along `dim`."""
+    a = out.detach().float().movedim(dim, -1).reshape(-1, out.shape[dim])
+    return a.abs().sum(0).double(), (a <= 0).sum(0).double(), a.shape[0]
+
+
+def geometric_budget(ratio: float, steps: int, k: int) -> float:
+    """Fraction of the *original* units removed after k of `steps` equal geometric steps reaching `ratio`."""
+    return 1.0 - (1.0 - ratio) ** (k / steps)
+
+
+def inverse_sensitivity_ratios(sens: Sequence[float], sizes: Sequence[int], ratio: float, max_ratio: float,
+                               eps: Optional[float] = None) -> List[float]:
+    """Per-group ratios proportional to 1 / (sensitivity + eps), scaled so that the removed units add up
+    to `ratio` of all units (the same budget as a uniform ratio), each capped at `max_ratio`.
+
+    Groups whose loss did not grow (sensitivity <= 0) count as sensitivity 0, i.e. the cheapest to prune.
+    eps defaults to 5% of the mean positive sensitivity, so a free group does not take the whole budget."""
+    s = [max(0.0, float(v)) for v in sens]
+    pos = [v for v in s if v > 0]
+    eps = eps if eps is not None else (0.05 * sum(pos) / len(pos) if pos else 1.0)
+    w = [1.0 / (v + eps) for v in s]
+    total, budget = float(sum(sizes)), ratio * float(sum(sizes))
+    if budget <= 0:
+        return [0.0] * len(s)
+
+    def removed(c):
+        return sum(min(max_ratio, c * wi) * n for wi, n in zip(w, sizes))
+
+    lo, hi = 0.0, 1.0
+    while removed(hi) < budget and hi < 1e12:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < budget else (lo, mid)
+    return [min(max_ratio, hi * wi) for wi in w]
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def default_loss(output: Any, targets: Any) -> torch.Tensor:
+    """Cross-entropy on logits when targets are given, else the output's own `.loss` (Hugging Face models
+    called with labels). Anything else needs an explicit `loss_fn`."""
+    from .recover.losses import logits_of
+    if targets is not None:
+        logits = logits_of(output)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    if loss is None:
+        raise ValueError("Taylor/sensitivity: the calibration batches have no targets and the model output has "
+                         "no .loss; pass loss_fn=lambda output, targets: ... or batches of (inputs, targets)")
+    return loss
+
+
+def _calibration_batches(data, n: Optional[int]) -> list:
+    if data is None:
+        raise ValueError("this importance criterion is data-aware: give it calibration batches, e.g. "
+                         "Taylor(data=prunekit.data.load('fashion-mnist', limit=512)) (a recipe gets the run's "
+                         "calibration data automatically)")
+    if isinstance(data, str):
+        from .data import load
+        data = load(data, split="train")
+    out = []
+    for b in data:
+        if n is not None and len(out) >= n:
+            break
+        out.append(b)
+    if not out:
+        raise ValueError("the calibration data holds no batches")
+    return out
+
+
+def _bar(iterable, desc: str, quiet: bool):
+    import sys
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, disable=quiet or not sys.stderr.isatty(), leave=False)
+
+
+def batch_loss(model: nn.Module, batch, loss_fn: Optional[Callable] = None) -> torch.Tensor:
+    from .recover.loop import call_model, split_batch
+    inputs, targets = split_batch(batch)
+    out = call_model(model, inputs)
+    return (loss_fn or default_loss)(out, targets)
+
+
+def mean_loss(model: nn.Module, batches: list, loss_fn: Optional[Callable] = None) -> float:
+    """Mean calibration loss in eval mode without gradients (BatchNorm statistics untouched)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(sum(float(batch_loss(model, b, loss_fn)) for b in batches) / len(batches))
+    finally:
+        model.train(was)
+
+
+def accumulate_taylor(model: nn.Module, batches: list, wanted: Iterable[Tuple[str, int]],
+                      loss_fn: Optional[Callable] = None, quiet: bool = True) -> ChannelValues:
+    """Sum over batches of |sum over each channel slice of w * dL/dw| for every (param name, dim) wanted.
+
+    Runs in eval mode (BatchNorm uses and keeps its running statistics: calibration must not change the
+    model) with gradients on; parameter .grad fields are restored to what they were."""
+    params = dict(model.named_parameters())
+    wanted = [(n, d) for n, d in dict.fromkeys(wanted) if n in params]
+    saved = {n: p.grad for n, p in params.items()}
+    req = {n: p.requires_grad for n, p in params.items()}
+    acc: ChannelValues = {}
+    was = model.training
+    model.eval()
+    try:
+        for n, p in params.items():
+            p.grad = None
+            p.requires_grad_(True)
+        for b in _bar(batches, "taylor calibration", quiet):
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = batch_loss(model, b, loss_fn)
+                if not torch.isfinite(loss):
+                    raise ValueError(f"Taylor importance: the calibration loss is {float(loss)}; check the data")
+                loss.backward()
+            for n, d in wanted:
+                g = params[n].grad
+                if g is None:
+                    continue
+                v = S.taylor(params[n], g, d).double()
+                acc[(n, d)] = acc[(n, d)] + v if (n, d) in acc else v
+    finally:
+        model.train(was)
+        for n, p in params.items():
+            p.grad = saved[n]
+            p.requires_grad_(req[n])
+    return acc
+
+
+def collect_activations(model: nn.Module, batches: list, modules: Iterable[str], quiet: bool = True
+                        ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{module name: {"mean_abs": per-channel mean |output|, "apoz": per-channel fraction of outputs <= 0}}
+    from forward hooks, in eval mode without gradients."""
+    from .recover.loop import call_model, split_batch
+    sums: Dict[str, list] = {}
+    hooks = []
+
+    def hook_for(name):
+        def hook(mod, args, out):
+            if not isinstance(out, torch.Tensor):
+                return
+            s_abs, s_zero, n = activation_stats(out, channel_dim(mod, out))
+            if name in sums:
+                sums[name][0] += s_abs
+                sums[name][1] += s_zero
+                sums[name][2] += n
+            else:
+                sums[name] = [s_abs, s_zero, n]
+        return hook
+
+    mods = dict(model.named_modules())
+    for name in dict.fromkeys(modules):
+        if name in mods:
+            hooks.append(mods[name].register_forward_hook(hook_for(name)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in _bar(batches, "activation calibration", quiet):
+                call_model(model, split_batch(b)[0])
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return {k: {"mean_abs": a / n, "apoz": z / n} for k, (a, z, n) in sums.items()}
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def _check_common(owner: str, agg: str, norm: Optional[str]):
+    if agg not in AGGS:
+        raise ConfigError(f"{owner}.agg must be one of {AGGS}, got {agg!r}")
+    if norm not in NORMS:
+        raise ConfigError(f"{owner}.norm must be one of {NORMS}, got {norm!r}")
+
+
+class Importance(Config):
+    """Base of the importance configs: callable `(group, tensors) -> (n_units,) scores`.
+
+    Fields named in `_runtime` (calibration data, loss functions) are not part of the YAML form; a recipe
+    attaches the run's calibration data with `bind`."""
+    _runtime: Tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        out = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            if f.name in self._runtime:
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, Config) else v
+        return out
+
+    def prepare(self, model: nn.Module, graph) -> None:
+        """Gather what scoring needs from `model` (no-op for data-free criteria)."""
+
+    def bind(self, data=None, loss_fn=None) -> "Importance":
+        """A copy with calibration `data` / `loss_fn` filled in where they are still None."""
+        kw = {}
+        if "data" in self._runtime and getattr(self, "data") is None and data is not None:
+            kw["data"] = data
+        if "loss_fn" in self._runtime and getattr(self, "loss_fn") is None and loss_fn is not None:
+            kw["loss_fn"] = loss_fn
+        return dataclasses.replace(self, **kw) if kw else self
+
+    @property
+    def needs_data(self) -> bool:
+        return "data" in self._runtime
+
+    def __call__(self, group, tensors: Dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register_config
+@dataclasses.dataclass
+class Magnitude(Importance):
+    """L1 (p=1) or L2 (p=2) norm of every parameter slice of a unit, normalized per member and combined."""
+    p: int = 2
+    agg: str = "sum"
+    norm: Optional[str] = "mean"
+
+    def __post_init__(self):
+        if self.p not in (1, 2):
+            raise ConfigError(f"Magnitude.p must be 1 or 2, got {self.p!r}")
+        _check_common("Magnitude", self.agg, self.norm)
+
+    def __call__(self, group, tensors):
+        return combine(group, magnitude_channel_values(group, tensors, self.p), self.agg, self.norm)
+
+
+@register_config
+@dataclasses.dataclass
+class Random(Importance):
+    """Uniformly random scores (a baseline: any criterion worth using must beat it)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        check_type("Random", "seed", self.seed, int, "an int")
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, group, tensors):
+        return S.random_scores(group, self._gen)
+
+
+@register_config
+@dataclasses.dataclass
+class BNScale(Importance):
+    """Network slimming: |gamma| of the BatchNorms on the group's channels (sum over BNs sharing them).
+
+    Groups without a BatchNorm (e.g. a linear layer) fall back to `fallback` magnitude (p=2) with a warning,
+    since gamma says nothing about them."""
+    agg: str = "sum"
+    norm: Optional[str] = None
+    fallback: str = "l2"
+
+    def __post_init__(self):
+        _check_common("BNScale", self.agg, self.norm)
+        if self.fallback not in ("l1", "l2"):
+            raise ConfigError(f"BNScale.fallback must be 'l1' or 'l2', got {self.fallback!r}")
+        self._bn: Optional[List[str]] = None
+        self.fallbacks: List[int] = []
+
+    def prepare(self, model, graph):
+        self._bn = [f"{n}.weight" for n, m in model.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+
+    def __call__(self, group, tensors):
+        bn = self._bn if self._bn is not None else [n for n in tensors if _looks_like_bn_weight(n, tensors)]
+        s = bn_scale_scores(group, tensors, bn, self.agg, self.norm)
+        if s is not None:
+            return s
+        self.fallbacks.append(group.index)
+        warnings.warn(f"BNScale: {group.describe()} has no BatchNorm; ranked by {self.fallback} magnitude "
+                      f"instead", stacklevel=2)
+        return combine(group, magnitude_channel_values(group, tensors, 1 if self.fallback == "l1" else 2))
+
+
+def _looks_like_bn_weight(name: str, tensors) -> bool:
+    """Without the model (prepare not called): a 1-D weight with running statistics next to it."""
+    base = name[:-len(".weight")] if name.endswith(".weight") else None
+    return base is not None and f"{base}.running_var" in tensors and tensors[name].dim() == 1
+
+
+@register_config
+@dataclasses.dataclass
+class Taylor(Importance):
+    """First-order Taylor importance (Molchanov et al. 2019): |sum_slice w * dL/dw| per channel, summed over
+    calibration batches, then normalized per member and combined over the group.
+
+    data:    calibration batches ((inputs, targets) or inputs for models that return .loss); not in YAML.
+    loss_fn: loss_fn(output, targets) -> scalar; default cross-entropy / output.loss. Not in YAML.
+    batches: how many calibration batches to use."""
+    batches: int = 8
+    agg: str = "sum"
+    norm: Optional[str] = "mean"
+    data: Any = None
+    loss_fn: Optional[Callable] = None
+    quiet: bool = True
+    _runtime = ("data", "loss_fn")
+
+    def __post_init__(self):
+        check_type("Taylor", "batches", self.batches, int, "a positive int")
+        if self.batches < 1:
+            raise ConfigError(f"Taylor.batches must be >= 1, got {self.batches}")
+        _check_common("Taylor", self.agg, self.norm)
+        self._values: Optional[ChannelValues] = None
+
+    def prepare(self, model, graph):
+        wanted = [(m.name, m.dim) for g in graph.groups for m in g.members if not m.is_buffer]
+        self._values = accumulate_taylor(model, _calibration_batches(self.data, self.batches), wanted,
+                                         self.loss_fn, self.quiet)
+
+    def __call__(self, group, tensors):
+        if self._values is None:
+            raise RuntimeError("Taylor importance has no gradients yet: call .prepare(model, graph) before "
+                           "scoring (prunekit.pipeline and structured pruning do this for you)")
+        return combine(group, self._values, self.agg, self.norm)
+
+
+@register_config
+@dataclasses.dataclass
+class Activation(Importance):
+    """Activation-based importance from forward hooks on the modules producing a group's channels.
+
+    kind="mean": mean |activation| per channel. kind="apoz": 1 - average percentage of zeros (outputs <= 0,
+    i.e. zero after a ReLU). Producer outputs of one group (conv, its BatchNorm, residual partners) are
+    combined with `agg`."""
+    kind: str = "mean"
+    batches: int = 8
+    agg: str = "sum"
+    norm: Optional[str] = "mean"
+    data: Any = None
+    quiet: bool = True
+    _runtime = ("data",)
+
+    def __post_init__(self):
+        if self.kind not in ACTIVATION_KINDS:
+            raise ConfigError(f"Activation.kind must be one of {ACTIVATION_KINDS}, got {self.kind!r}")
+        check_type("Activation", "batches", self.batches, int, "a positive int")
+        _check_common("Activation", self.agg, self.norm)
+        self._stats: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
+
+    def prepare(self, model, graph):
+        mods = [p for g in graph.groups for p in g.producers]
+        self._stats = collect_activations(model, _calibration_batches(self.data, self.batches), mods, self.quiet)
+
+    def channel_values(self, group) -> ChannelValues:
+        """(producer weight name, 0) -> per-channel statistic of that producer's output."""
+        out = {}
+        for prod in group.producers:
+            st = self._stats.get(prod)
+            if st is None:
+                continue
+            v = st["mean_abs"] if self.kind == "mean" else apoz_to_importance(st["apoz"])
+            for m in group.members:
+                if m.name.rpartition(".")[0] == prod and m.dim == 0 and not m.is_buffer and v.numel() > int(m.pos.max()):
+                    out[(m.name, m.dim)] = v
+                    break
+        return out
+
+    def __call__(self, group, tensors):
+        if self._stats is None:
+            raise RuntimeError("Activation importance has no statistics yet: call .prepare(model, graph) first "
+                               "(prunekit.pipeline and structured pruning do this for you)")
+        vals = self.channel_values(group)
+        if not vals:
+            return combine(group, magnitude_channel_values(group, tensors, 2), self.agg, self.norm)
+        return combine(group, vals, self.agg, self.norm)
+
+
+def resolve(importance) -> Any:
+    """A `Structured.importance` value as used by prunekit: strings stay strings, dicts become configs."""
+    if isinstance(importance, dict):
+        from .config import config_from_dict
+        return config_from_dict(importance)
+    return importance
+
+
+def prepare(importance, model: nn.Module, graph, data=None, loss_fn=None):
+    """Bind calibration data (if the criterion wants it and has none) and run its `prepare`; returns the
+    (possibly new) importance object to put into the Structured config."""
+    if isinstance(importance, Importance):
+        importance = importance.bind(data, loss_fn)
+    if hasattr(importance, "prepare"):
+        importance.prepare(model, graph)
+    return importance
+
+
+# --------------------------------------------------------------------------------------------- sensitivity
+
+
+def group_key(group) -> Optional[str]:
+    """A regex that `Structured.ratio` matches to exactly this group (its first producer module)."""
+    return "^" + re.escape(group.producers[0]) + "$" if group.producers else None
+
+
+def measure_sensitivity(model: nn.Module, graph, scores: Dict[int, torch.Tensor], ratio: float, data,
+                        loss_fn: Optional[Callable] = None, batches: int = 4, quiet: bool = True
+                        ) -> Dict[int, float]:
+    """{group index: calibration-loss increase when only that group loses `ratio` of its lowest-scored
+    units}. Each probe cuts a copy of the model (real surgery, so any architecture the graph handles works)."""
+    from .structured import remove_units
+    cal = _calibration_batches(data, batches)
+    base = mean_loss(model, cal, loss_fn)
+    out = {}
+    for g in _bar(graph.groups, "sensitivity", quiet):
+        n_rm = min(g.n_units - 1, int(math.floor(ratio * g.n_units + 1e-9)))
+        if n_rm <= 0 or group_key(g) is None:
+            continue
+        order = torch.argsort(scores[g.index], stable=True)
+        mask = torch.zeros(g.n_units, dtype=torch.bool)
+        mask[order[:n_rm]] = True
+        pruned, _, _ = remove_units(model, graph, {g.index: mask})
+        out[g.index] = mean_loss(pruned, cal, loss_fn) - base
+    return out
+
+
+def sensitivity_ratios(model: nn.Module, example_inputs, data, ratio: float = 0.5, importance="l2",
+                       max_ratio: float = 0.9, loss_fn: Optional[Callable] = None, batches: int = 4,
+                       quiet: bool = True) -> Dict[str, float]:
+    """Sensitivity-based allocation: `{group regex: ratio}` for `pk.Structured(ratio=...)`.
+
+    Measures each group's sensitivity at `ratio` (see `measure_sensitivity`), then sets per-group ratios
+    inversely proportional to it with the same total number of removed units as a uniform `ratio`."""
+    from .graph.groups import DependencyGraph
+    from .structured import Structured, group_scores
+    graph = DependencyGraph(model, example_inputs)
+    imp = prepare(resolve(importance), model, graph, data, loss_fn)
+    cfg = Structured(ratio=ratio, importance=imp)
+    sc = group_scores(graph, cfg, {**graph.params, **graph.buffers})
+    sens = measure_sensitivity(model, graph, sc, ratio, data, loss_fn, batches, quiet)
+    groups = [graph.groups[i] for i in sens]
+    rs = inverse_sensitivity_ratios([sens[g.index] for g in groups], [g.n_units for g in groups], ratio, max_ratio)
+    return {group_key(g): float(r) for g, r in zip(groups, rs)}
