@@ -1,0 +1,137 @@
+"""Pipeline benchmark: the Fashion-MNIST CNN pruned to 2x and 3x *measured* CPU speedup.
+
+For each requested speedup:
+  * prunekit: Structured(target=Latency(speedup)) -> accuracy without recovery, + fine-tuning (task loss),
+    + distillation (KD from the dense model), both with the same training budget (steps, lr, data);
+    requested vs achieved speedup of the latency target (re-measured here, interleaved with the dense model).
+  * Torch-Pruning 1.6 (MagnitudePruner + MagnitudeImportance(p=2)) at the same MACs as prunekit's model
+    (its uniform ratio found by bisection), then the same fine-tuning budget; its measured speedup too.
+
+    .venv/bin/python benchmarks/pipeline.py --out /tmp/pipeline.json          # ~10-15 min on 2 busy cores
+
+Prints a Markdown table and writes JSON. Timing: 1 thread, batch 16, min of interleaved repetitions.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+import warnings
+
+import torch
+
+import prunekit as pk
+from prunekit.latency import Latency
+from prunekit.zoo import accuracy
+
+
+def measured_speedup(dense, pruned, x, reps=60):
+    res = pk.measure_latency({"dense": dense, "pruned": pruned}, x, batch_sizes=(16,), threads=1, reps=reps)
+    row = {r["model"]: r for r in res["rows"]}
+    return {"min": row["dense"]["min_ms"] / row["pruned"]["min_ms"],
+            "median": row["dense"]["median_ms"] / row["pruned"]["median_ms"]}
+
+
+def train(model, dense, data, loss, steps, lr):
+    cfg = pk.Recover(epochs=max(1, -(-steps // len(data))), max_steps=steps, lr=lr, loss=loss, warmup=0.05,
+                     weight_decay=5e-4, temperature=4.0)
+    return pk.recover(model, teacher=dense if loss == "kd" else None, data=data, config=cfg, quiet=True)
+
+
+def tp_prune(dense, x, macs_goal):
+    """Torch-Pruning at the ratio whose MACs match `macs_goal` (bisection on its uniform ratio)."""
+    import torch_pruning as tp
+
+    def build(r):
+        m = copy.deepcopy(dense)
+        ignored = [m.fc]
+        pr = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=r, ignored_layers=ignored)
+        pr.step()
+        return m, tp.utils.count_ops_and_params(m, x)[0]
+
+    lo, hi = 0.0, 0.95
+    best = None
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        m, macs = build(mid)
+        if macs > macs_goal:
+            lo = mid
+        else:
+            hi, best = mid, (m, mid, macs)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/pipeline_bench.json")
+    ap.add_argument("--speedups", default="2,3")
+    ap.add_argument("--train-limit", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=192, help="optimizer steps of every fine-tuning run")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--val-limit", type=int, default=2000)
+    ap.add_argument("--allocation", default="uniform", choices=["uniform", "cost"])
+    ap.add_argument("--importance", default="l2")
+    a = ap.parse_args()
+    torch.set_num_threads(2)                        # training; every timing pins 1 thread itself
+    warnings.filterwarnings("ignore")
+    t_start = time.time()
+    dense = pk.fashion_mnist_cnn().eval()
+    train_data = pk.data.load("fashion-mnist", "train", batch_size=128, limit=a.train_limit)
+    val = pk.data.load("fashion-mnist", "test", batch_size=500, limit=a.val_limit)
+    x = val[0][0][:1]
+    acc_dense = accuracy(dense, val)
+    rows = []
+    for sp in [float(s) for s in a.speedups.split(",")]:
+        torch.manual_seed(0)
+        t0 = time.time()
+        res = pk.prune(dense, pk.Structured(importance=a.importance, target=Latency(speedup=sp, allocation=a.allocation)),
+                       example_inputs=x)
+        t_prune = time.time() - t0
+        pruned = res.model
+        check = measured_speedup(dense, pruned, x)
+        acc0 = accuracy(pruned, val)
+        ft = train(copy.deepcopy(pruned), dense, train_data, "task", a.steps, a.lr)
+        kd = train(copy.deepcopy(pruned), dense, train_data, "kd", a.steps, a.lr)
+        tp_model, tp_ratio, tp_macs = tp_prune(dense, x, res.stats["macs_after"])
+        tp_speed = measured_speedup(dense, tp_model, x)
+        tp_acc0 = accuracy(tp_model, val)
+        tp_ft = train(copy.deepcopy(tp_model), dense, train_data, "task", a.steps, a.lr)
+        tp_kd = train(copy.deepcopy(tp_model), dense, train_data, "kd", a.steps, a.lr)
+        row = {"requested": sp, "achieved_search": res.stats["latency_achieved"], "achieved_recheck_min": check["min"],
+               "achieved_recheck_median": check["median"], "reached": res.stats["latency_reached"],
+               "prune_seconds": t_prune, "macs_after": res.stats["macs_after"], "macs_before": res.stats["macs_before"],
+               "params_after": res.stats["params_after"],
+               "acc_dense": acc_dense, "acc_pruned": acc0, "acc_finetune": accuracy(ft, val), "acc_distill": accuracy(kd, val),
+               "tp_ratio": tp_ratio, "tp_macs": tp_macs, "tp_speedup_min": tp_speed["min"],
+               "tp_acc_pruned": tp_acc0, "tp_acc_finetune": accuracy(tp_ft, val), "tp_acc_distill": accuracy(tp_kd, val),
+               "kept_per_group": [g["kept"] for g in res.plan["groups"]]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = {"rows": rows, "settings": vars(a), "env": pk.environment_info(), "seconds": time.time() - t_start}
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(markdown(rows, a))
+
+
+def markdown(rows, a):
+    pct = lambda v: f"{100 * v:.2f}"
+    lines = [f"Fashion-MNIST CNN, {a.val_limit} test images; fine-tuning = {a.steps} AdamW steps of batch 128, "
+             f"lr {a.lr}, on {a.train_limit} train images (same for every row); speedup = dense/pruned latency, "
+             f"batch 16, 1 thread, min of 60 interleaved reps.", "",
+             "| requested | achieved (search / recheck) | MACs | method | no recovery | + fine-tune | + distill |",
+             "|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['requested']:.1f}x | {r['achieved_search']:.2f}x / {r['achieved_recheck_min']:.2f}x | "
+                     f"{r['macs_before'] / r['macs_after']:.2f}x fewer | prunekit Latency target | {pct(r['acc_pruned'])} | "
+                     f"{pct(r['acc_finetune'])} | {pct(r['acc_distill'])} |")
+        lines.append(f"| {r['requested']:.1f}x | - / {r['tp_speedup_min']:.2f}x | {r['macs_before'] / r['tp_macs']:.2f}x fewer | "
+                     f"Torch-Pruning magnitude, ratio {r['tp_ratio']:.3f} | {pct(r['tp_acc_pruned'])} | "
+                     f"{pct(r['tp_acc_finetune'])} | {pct(r['tp_acc_distill'])} |")
+    lines.append(f"\nDense accuracy: {pct(rows[0]['acc_dense'])}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

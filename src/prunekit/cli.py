@@ -1,0 +1,201 @@
+"""`prunekit` command line: prune (run a recipe), eval, bench, report.
+
+    prunekit prune  --model fashion-mnist-cnn --data fashion-mnist --recipe recipe.yaml --out runs/x [--resume]
+    prunekit eval   --model fashion-mnist-cnn --data fashion-mnist [--pruned runs/x/model]
+    prunekit bench  --model fashion-mnist-cnn --data fashion-mnist [--pruned runs/x/model] [--batch-sizes 1,16]
+    prunekit report runs/x [--out runs/x/report]
+
+Models: a zoo name, a local Hugging Face directory, a .safetensors file with --factory, or
+"package.module:factory". Data: a built-in name (prunekit.data.available()) or "package.module:function".
+Errors in the user's input print one line naming what is wrong and exit with status 2; a diverged recovery
+exits with 3 (the last good checkpoint is kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+
+
+class CLIError(Exception):
+    """A user input problem; main() prints the message and exits with status 2."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models into smaller dense models, "
+                                "recover, evaluate, benchmark and report.")
+    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,report}")
+
+    def model_args(sp):
+        sp.add_argument("--model", required=True, help="zoo name, HF directory, weights.safetensors (+--factory), "
+                        "or package.module:factory")
+        sp.add_argument("--factory", help="package.module:function building the architecture of a .safetensors")
+
+    pr = sub.add_parser("prune", help="run a pruning recipe into a run directory")
+    model_args(pr)
+    pr.add_argument("--data", required=True, help="dataset name or package.module:function")
+    pr.add_argument("--recipe", required=True, help="recipe YAML/JSON file (see prunekit.pipeline)")
+    pr.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
+    pr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="evaluate a (pruned) model on a dataset's test split")
+    model_args(ev)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--pruned", help="directory written by pk.save / a run's model/ (shapes rebuilt on --model)")
+    ev.add_argument("--metric", default="accuracy", choices=["accuracy", "perplexity"])
+    ev.add_argument("--limit", type=int, default=None, help="evaluate on the first N test examples")
+    ev.add_argument("--batch-size", type=int, default=256)
+
+    be = sub.add_parser("bench", help="time dense vs pruned forward passes (interleaved, pinned threads)")
+    model_args(be)
+    be.add_argument("--data", help="dataset whose first test example is the input (or use --input-shape)")
+    be.add_argument("--input-shape", help="comma-separated shape of one random float input, e.g. 1,1,28,28")
+    be.add_argument("--pruned", help="directory written by pk.save / a run's model/")
+    be.add_argument("--batch-sizes", default="1,16")
+    be.add_argument("--threads", type=int, default=1)
+    be.add_argument("--reps", type=int, default=30)
+    be.add_argument("--json", help="also write the result as JSON here")
+
+    re_ = sub.add_parser("report", help="write report.html / report.md for a run directory")
+    re_.add_argument("run_dir")
+    re_.add_argument("--out", help="output directory (default: RUN_DIR/report)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _model(spec: str, factory: Optional[str]):
+    from .zoo import ZOO, resolve_model
+    looks_like_path = "/" in spec or spec.startswith(".") or spec.endswith(".safetensors")
+    if spec not in ZOO and looks_like_path and ":" not in spec and not Path(spec).exists():
+        raise CLIError(f"--model: path '{spec}' does not exist (give a zoo name {sorted(ZOO)}, a Hugging Face "
+                       f"directory, weights.safetensors with --factory, or package.module:factory)")
+    try:
+        return resolve_model(spec, factory)
+    except (ValueError, FileNotFoundError, ImportError, AttributeError, TypeError) as e:
+        raise CLIError(f"--model '{spec}': {e}") from e
+
+
+def _data(spec: str, split: str, batch_size: Optional[int] = None, limit: Optional[int] = None):
+    from .data import DataError, load
+    try:
+        return load(spec, split, batch_size=batch_size, limit=limit)
+    except (DataError, FileNotFoundError, ImportError) as e:
+        raise CLIError(f"--data '{spec}': {e}") from e
+
+
+def _load_pruned(model, path: str):
+    from .io import LoadError, load
+    if not Path(path).is_dir():
+        raise CLIError(f"--pruned: directory '{path}' does not exist (expected a folder written by pk.save, e.g. "
+                       f"runs/x/model)")
+    try:
+        return load(path, model=model)
+    except LoadError as e:
+        raise CLIError(f"--pruned '{path}': {e}") from e
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def cmd_prune(a) -> int:
+    from .config import ConfigError
+    from .pipeline import load_recipe, run_pipeline
+    from .runs import RunError
+    if not Path(a.recipe).is_file():
+        raise CLIError(f"--recipe: file '{a.recipe}' does not exist")
+    try:
+        recipe = load_recipe(a.recipe)
+    except ConfigError as e:
+        raise CLIError(f"recipe '{a.recipe}': {e}") from e
+    model = _model(a.model, a.factory)
+    train = _data(a.data, "train", recipe.batch_size, recipe.train_limit)
+    val = _data(a.data, "test", max(recipe.batch_size, 256), recipe.val_limit)
+    try:
+        res = run_pipeline(model, recipe, train=train, val=val, out=a.out, resume=a.resume, quiet=a.quiet,
+                           describe={"model": a.model, "data": a.data, "recipe": str(a.recipe)})
+    except (RunError, ConfigError) as e:
+        raise CLIError(str(e)) from e
+    print(f"{res.status}: run directory {res.run_dir} (final model in {res.run_dir / 'model'})")
+    if res.message:
+        print(res.message)
+    return EXIT_DIVERGED if res.status == "diverged" else 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate
+    model = _model(a.model, a.factory)
+    if a.pruned:
+        model = _load_pruned(model, a.pruned)
+    data = _data(a.data, "test", a.batch_size, a.limit)
+    res = evaluate(model, data, a.metric)
+    print(json.dumps({"metric": a.metric, "value": res.value, "params": sum(p.numel() for p in model.parameters())}))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import copy
+    import torch
+    from .measure import measure_latency
+    from .recover.loop import split_batch
+    try:
+        sizes = [int(s) for s in a.batch_sizes.split(",")]
+    except ValueError:
+        raise CLIError(f"--batch-sizes must be comma-separated ints, got '{a.batch_sizes}'") from None
+    dense = _model(a.model, a.factory)
+    if a.input_shape:
+        try:
+            x = torch.randn(*[int(s) for s in a.input_shape.split(",")])
+        except ValueError:
+            raise CLIError(f"--input-shape must be comma-separated ints, got '{a.input_shape}'") from None
+    elif a.data:
+        x = split_batch(_data(a.data, "test", 1, 1)[0])[0]
+    else:
+        raise CLIError("bench needs an input: --data NAME (first test example) or --input-shape 1,3,224,224")
+    models = {"dense": dense}
+    if a.pruned:
+        models["pruned"] = _load_pruned(copy.deepcopy(dense), a.pruned)
+    res = measure_latency(models, x, batch_sizes=sizes, threads=a.threads, reps=a.reps)
+    print(res.to_markdown())
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+def cmd_report(a) -> int:
+    from .report import write_report
+    from .report.recorder import ReportError
+    if not Path(a.run_dir).is_dir():
+        raise CLIError(f"run directory '{a.run_dir}' does not exist")
+    try:
+        paths = write_report(a.run_dir, a.out or str(Path(a.run_dir) / "report"))
+    except ReportError as e:
+        raise CLIError(str(e)) from e
+    print(f"wrote {paths['html']} and {paths['md']}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[a.command](a)
+    except CLIError as e:
+        print(f"prunekit {a.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Recipes: a pruning job as data (YAML/JSON), run into a resumable run directory.
+
+A recipe is a list of stages, each mapping to the same config dataclass the Python API uses::
+
+    seed: 0
+    batch_size: 64            # training / calibration batches
+    train_limit: 4096         # examples of the train split used (calibration + recovery); null = all
+    val_limit: 2000           # examples of the test split used for evaluation
+    calibration_batches: 8
+    distill: true             # recover towards the dense model (false: task loss on labels)
+    stages:
+      - evaluate: {metric: accuracy}
+      - prune: {type: Structured, ratio: 0.3, importance: {type: Taylor}}
+        allocation: sensitivity           # optional: "ratio" (default) or "sensitivity"
+      - recover: {epochs: 1, lr: 0.001}
+      - schedule: {type: Iterative, steps: 2, prune: {type: Structured, ratio: 0.5}, max_drop: 0.02}
+      - evaluate: {metric: accuracy, latency: true}
+
+`run_pipeline(model, recipe, train=..., val=..., out="runs/x")` expands the stages into steps and writes::
+
+    runs/x/config.json, config.yaml   the resolved recipe (a resume insists it is unchanged)
+    runs/x/run.log                    one line per step
+    runs/x/metrics.json               run / summary / steps / widths / env (prunekit.report format)
+    runs/x/checkpoints/step-*/        after every step: weights + state.json (cumulative plan, masks, history)
+    runs/x/recover-NNN/               recover()'s own checkpoints for step NNN (mid-epoch resume)
+    runs/x/last_good/                 pk.save of the last model that passed a quality gate
+    runs/x/model/                     pk.save of the final model: pk.load(dir, model=fresh_original)
+    runs/x/COMPLETE                   written last
+
+`resume=True` rebuilds the model from the latest checkpoint (original architecture + plan + weights) and
+continues; every step is seeded with (seed, step index), and recover() resumes mid-run bit-exactly, so the
+final weights equal an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .config import Config, ConfigError, check_type, config_from_dict, register_config
+from .recover import Recover, RecoveryDiverged
+from .runs import Run, RunError, atomic_write_text, seed_everything
+from .schedule import Evaluate, Executor, GateFailed, Step, expand
+
+STAGE_KINDS = ("prune", "recover", "evaluate", "schedule")
+_STAGE_DEFAULT_TYPE = {"recover": "Recover", "evaluate": "Evaluate"}
+_STAGE_OPTIONS = {"prune": ("allocation",), "schedule": ("allocation",), "recover": (), "evaluate": ()}
+ALLOCATIONS = ("ratio", "sensitivity")
+
+
+@register_config
+@dataclasses.dataclass
+class Recipe(Config):
+    """A pruning job: global options and `stages` (one-key mappings, see the module docstring)."""
+    stages: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    seed: int = 0
+    batch_size: int = 64
+    train_limit: Optional[int] = 4096
+    val_limit: Optional[int] = 2000
+    calibration_batches: int = 8
+    distill: bool = True
+
+    def __post_init__(self):
+        for n in ("seed", "batch_size", "calibration_batches"):
+            check_type("Recipe", n, getattr(self, n), int, "an int")
+        for n in ("train_limit", "val_limit"):
+            v = getattr(self, n)
+            if v is not None:
+                check_type("Recipe", n, v, int, "a positive int or null")
+        check_type("Recipe", "distill", self.distill, bool, "true or false")
+        if not isinstance(self.stages, list) or not self.stages:
+            raise ConfigError("Recipe.stages must be a non-empty list of stages, e.g. "
+                              "[{prune: {type: Structured, ratio: 0.5}}, {recover: {epochs: 1}}]")
+        self.stages = [normalize_stage(s, i) for i, s in enumerate(self.stages)]
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["stages"] = [{k: (v.to_dict() if isinstance(v, Config) else v) for k, v in s.items()} for s in self.stages]
+        return d
+
+    def steps(self) -> List[Step]:
+        out = []
+        for i, st in enumerate(self.stages):
+            kind = next(k for k in st if k in STAGE_KINDS)
+            opts = {k: v for k, v in st.items() if k != kind}
+            out += expand(st[kind], label=f"stage {i + 1} {kind}", options=opts)
+        return out
+
+
+def normalize_stage(stage: Any, i: int) -> Dict[str, Any]:
+    """One stage as {kind: config object, option: value}; errors name the stage and the closest key."""
+    import difflib
+    where = f"Recipe.stages[{i}]"
+    if not isinstance(stage, dict):
+        raise ConfigError(f"{where} must be a mapping like {{prune: {{type: Structured, ratio: 0.5}}}}, got {stage!r}")
+    kinds = [k for k in stage if k in STAGE_KINDS]
+    if len(kinds) != 1:
+        unknown = [k for k in stage if k not in STAGE_KINDS]
+        close = difflib.get_close_matches(str(unknown[0]), STAGE_KINDS, n=1) if unknown and not kinds else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where} must have exactly one of {STAGE_KINDS}, got keys {sorted(stage)}{hint}")
+    kind = kinds[0]
+    out: Dict[str, Any] = {}
+    for k, v in stage.items():
+        if k == kind:
+            continue
+        if k not in _STAGE_OPTIONS[kind]:
+            valid = list(_STAGE_OPTIONS[kind])
+            close = difflib.get_close_matches(k, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: unknown key '{k}' for a {kind} stage{hint} Valid: {valid}")
+        if k == "allocation" and v not in ALLOCATIONS:
+            raise ConfigError(f"{where}.allocation must be one of {ALLOCATIONS}, got {v!r}")
+        out[k] = v
+    cfg = stage[kind]
+    if cfg is None:
+        cfg = {}
+    if isinstance(cfg, dict):
+        cfg = dict(cfg)
+        if "type" not in cfg:
+            if kind not in _STAGE_DEFAULT_TYPE:
+                raise ConfigError(f"{where}.{kind} needs a 'type' (e.g. Structured, Sparse, Iterative, Gradual)")
+            cfg["type"] = _STAGE_DEFAULT_TYPE[kind]
+        try:
+            cfg = config_from_dict(cfg)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{where}.{kind}: {e}") from e
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{where}.{kind} must be a config mapping, got {cfg!r}")
+    out[kind] = cfg
+    return out
+
+
+def load_recipe(path_or_dict: Union[str, Path, Dict[str, Any]]) -> Recipe:
+    """A Recipe from a YAML/JSON file or a dict (`type: Recipe` optional)."""
+    if isinstance(path_or_dict, (str, Path)):
+        p = Path(path_or_dict)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe file '{p}' not found")
+        import yaml
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe '{p}' is not valid YAML/JSON: {e}") from e
+    else:
+        d = path_or_dict
+    if isinstance(d, list):
+        d = {"stages": d}
+    if not isinstance(d, dict):
+        raise ConfigError(f"a recipe must be a mapping with 'stages' (or a list of stages), got {type(d).__name__}")
+    d = dict(d)
+    d.setdefault("type", "Recipe")
+    cfg = config_from_dict(d)
+    if not isinstance(cfg, Recipe):
+        raise ConfigError(f"expected a Recipe, got a {type(cfg).__name__}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------- running
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """model: final model; status: completed | gate_failed | diverged; run_dir; history; message."""
+    model: nn.Module
+    status: str
+    run_dir: Path
+    history: List[Dict[str, Any]]
+    message: str = ""
+    plan: Optional[Dict[str, Any]] = None
+
+
+def _bar(total: int, initial: int, quiet: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="pipeline", disable=quiet or not sys.stderr.isatty())
+
+
+def _save_model(model: nn.Module, plan, path: Path) -> None:
+    """pk.save of a model (masks baked in a copy, so pk.load into the original architecture works)."""
+    from .api import PruneResult
+    from .io import save
+    from .sparse.masks import bake, masks
+    if masks(model):
+        model = copy.deepcopy(model)
+        bake(model)
+    save(PruneResult(model=model, plan=plan or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}), path)
+
+
+def _widths(original: nn.Module, model: nn.Module) -> List[Dict[str, Any]]:
+    """Per layer: original vs kept output width (conv out_channels / linear out_features)."""
+    cur = dict(model.named_modules())
+    rows = []
+    for name, m in original.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and name in cur and isinstance(w, torch.Tensor):
+            rows.append({"name": name, "original": int(w.shape[0]), "kept": int(cur[name].weight.shape[0])})
+    return rows
+
+
+def run_pipeline(model: nn.Module, recipe: Union[Recipe, str, Path, dict], *, train, val, out: Union[str, Path],
+                 example_inputs=None, resume: bool = False, quiet: bool = False, loss_fn: Optional[Callable] = None,
+                 describe: Optional[Dict[str, Any]] = None, stop_after: Optional[int] = None) -> PipelineResult:
+    """Run `recipe` on the dense `model` (not modified) into run directory `out`.
+
+    train / val: batches ((inputs, targets) or inputs) for calibration + recovery and for evaluation.
+    example_inputs: for tracing (default: one row of the first training batch).
+    resume: continue the run in `out` from its latest checkpoint (same recipe and data required).
+    describe: free-form {"model": ..., "data": ...} stored in config.json and the report.
+    stop_after: stop (as if killed) after this many steps; used to test resume."""
+    from .recover.loop import split_batch
+    from .report import RunRecorder
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise RunError(f"run directory '{out}' already exists and is not empty; pass resume=True (--resume) to "
+                       f"continue it, or choose a new --out")
+    if resume and not (out / "config.json").exists():
+        raise RunError(f"cannot resume: '{out}' has no config.json (not a run directory, or it never started)")
+    if example_inputs is None:
+        x = split_batch(train[0])[0]
+        example_inputs = x[:1] if isinstance(x, torch.Tensor) else x
+    steps = recipe.steps()
+    run = Run(out)
+    run.check_or_write_config({"recipe": recipe.to_dict(), "describe": describe or {}})
+    original = copy.deepcopy(model).eval()
+    ex = Executor(original, example_inputs=example_inputs, train=train, val=val, loss_fn=loss_fn,
+                  calibration_batches=recipe.calibration_batches, quiet=quiet, distill=recipe.distill,
+                  recover_dir=lambda i: str(out / f"recover-{i:03d}"), log=run.log)
+    start = 0
+    loaded = run.load_checkpoint() if resume else None
+    if loaded is not None:
+        weights, st = loaded
+        ex.load_state(st["executor"], weights)
+        start = st["next_step"]
+        if (out / "last_good").is_dir():
+            from .io import load
+            ex.last_good = (load(out / "last_good", model=copy.deepcopy(original)), st["last_good_plan"], [])
+        else:
+            ex.last_good = (copy.deepcopy(original), None, [])
+        run.log(f"resume at step {start}/{len(steps)}")
+    else:
+        ex.mark_good(-1)
+        run.log(f"start: {len(steps)} steps")
+    rec = RunRecorder(out, run={"name": out.name, **(describe or {}), "steps": [s.label for s in steps]})
+    _record(rec, ex, original, recipe)
+    status, message = "completed", ""
+    bar = _bar(len(steps), start, quiet)
+    try:
+        for i in range(start, len(steps)):
+            if stop_after is not None and i >= stop_after:
+                return PipelineResult(ex.model, "interrupted", out, ex.history, f"stopped before step {i}", ex.plan)
+            step = steps[i]
+            bar.set_description(step.label)
+            seed_everything(recipe.seed * 1_000_003 + i)
+            t0 = time.perf_counter()
+            try:
+                values = ex.run(i, step)
+            except GateFailed as e:
+                ex.history.append({"index": i, "label": step.label, "kind": "evaluate", **e.args[1]})
+                ex.restore_last_good()
+                status, message = "gate_failed", e.args[0]
+                run.log(message)
+                break
+            except RecoveryDiverged as e:
+                status = "diverged"
+                message = (f"{e} The pipeline stopped; the last good checkpoint "
+                           f"({run.latest_checkpoint() or 'the dense model'}) is kept unchanged.")
+                run.log(message)
+                ex.history.append({"index": i, "label": step.label, "kind": "recover", "status": "diverged"})
+                ex.model = rebuild_from_checkpoint(run, ex) if run.latest_checkpoint() else copy.deepcopy(original)
+                break
+            run.log(f"step {i + 1}/{len(steps)} {step.label}: " + _fmt(values) + f" ({time.perf_counter() - t0:.1f}s)")
+            if step.kind == "evaluate" and values.get("gate") == "passed":
+                _save_model(ex.model, ex.plan, out / "last_good")
+            run.save_checkpoint(i + 1, ex.model.state_dict(), None,
+                                {"next_step": i + 1, "executor": ex.state(),
+                                 "last_good_plan": ex.last_good[1] if ex.last_good else None})
+            _record(rec, ex, original, recipe)
+            bar.update(1)
+    finally:
+        bar.close()
+    _save_model(ex.model, ex.plan, out / "model")
+    rec.data["final"] = {"status": status, "message": message, "steps_done": len(ex.history)}
+    _record(rec, ex, original, recipe)
+    if status == "completed":
+        rec.finish()
+    run.log(f"{status} {message}".rstrip())
+    return PipelineResult(ex.model, status, out, ex.history, message, ex.plan)
+
+
+def rebuild_from_checkpoint(run: Run, ex: Executor) -> nn.Module:
+    """The model of the latest checkpoint (the last good state before a failed step)."""
+    weights, st = run.load_checkpoint(restore_rng=False)
+    probe = Executor(ex.original, example_inputs=ex.example_inputs)
+    probe.load_state(st["executor"], weights)
+    ex.plan, ex.masked = probe.plan, probe.masked
+    return probe.model
+
+
+def _fmt(values: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _record(rec, ex: Executor, original: nn.Module, recipe: Recipe) -> None:
+    """metrics.json in prunekit.report's format: one "steps" row per pruning step, summary rows, widths."""
+    rows, dense_q = [], None
+    for h in ex.history:
+        if h["kind"] == "evaluate":
+            dense_q = h["dense"]
+    params0 = sum(p.numel() for p in original.parameters())
+    quality = None
+    for h in ex.history:
+        if h["kind"] == "evaluate":
+            quality = h["value"]
+        if h["kind"] == "prune" and "macs_after" in h:
+            rows.append({"step": h["index"], "speedup": h.get("latency_achieved", h["macs_before"] / max(1, h["macs_after"])),
+                         "quality": quality if quality is not None else float("nan"), "params": h["params_after"],
+                         "macs": h["macs_after"]})
+        elif h["kind"] == "evaluate" and rows:
+            rows[-1]["quality"] = h["value"]
+    if rows:
+        rec.data["steps"] = rows
+    evals = [h for h in ex.history if h["kind"] == "evaluate"]
+    if evals:
+        last = evals[-1]
+        summary_rows = [{"variant": "dense", "quality": last["dense"], "params": params0}]
+        pruned = {"variant": "pruned", "quality": last["value"], "params": last["params"]}
+        if "latency_ms" in last:
+            summary_rows[0]["latency_ms"] = last["dense_ms"]
+            pruned["latency_ms"] = last["latency_ms"]
+        summary_rows.append(pruned)
+        rec.data["summary"] = {"metric": last["metric"], "higher_is_better": last["metric"] != "perplexity",
+                               "batch_size": 16, "rows": summary_rows}
+    rec.data["widths"] = _widths(original, ex.model)
+    rec._write()
