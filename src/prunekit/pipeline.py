@@ -44,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
+from . import importance as _importance, latency as _latency  # noqa: F401  (register their configs)
 from .config import Config, ConfigError, check_type, config_from_dict, register_config
 from .recover import Recover, RecoveryDiverged
 from .runs import Run, RunError, atomic_write_text, seed_everything
@@ -321,7 +322,7 @@ def _record(rec, ex: Executor, original: nn.Module, recipe: Recipe) -> None:
             quality = h["value"]
         if h["kind"] == "prune" and "macs_after" in h:
             rows.append({"step": h["index"], "speedup": h.get("latency_achieved", h["macs_before"] / max(1, h["macs_after"])),
-                         "quality": quality if quality is not None else float("nan"), "params": h["params_after"],
+                         "quality": quality, "params": h["params_after"],
                          "macs": h["macs_after"]})
         elif h["kind"] == "evaluate" and rows:
             rows[-1]["quality"] = h["value"]
