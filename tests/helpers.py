@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import prunekit as pk
-from prunekit.structured import remove_units, run_model
+from prunekit.structured import cut_valid, run_model
 
 
 def outputs(model, x):
@@ -65,30 +65,30 @@ def _producer_side(graph, member):
 def check_zero_channel_equivalence(model, x, fraction=0.25, seed=0, rtol=1e-5):
     """Zero the weights producing some channels, prune exactly those channels: outputs must not change."""
     model = copy.deepcopy(model).eval()
-    graph = pk.DependencyGraph(model, x)
-    gen = torch.Generator().manual_seed(seed)
-    removed = {}
-    with torch.no_grad():
-        for g in graph.groups:
-            if not g.exact:
-                continue
-            n = int(g.n_units * fraction)
-            if n == 0 or n >= g.n_units:
-                continue
-            mask = torch.zeros(g.n_units, dtype=torch.bool)
-            mask[torch.randperm(g.n_units, generator=gen)[:n]] = True
-            removed[g.index] = mask
-            for m in g.members:
-                if _producer_side(graph, m):
-                    t = graph.params[m.name]
-                    idx = m.pos[mask[m.unit]]
-                    t.index_fill_(m.dim, idx, 0.0)
-    assert removed, "no exact group to test"
-    ref = outputs(model, x)
-    pruned, kept, attrs = remove_units(model, graph, removed)
-    assert pk.count_params(pruned) < pk.count_params(model)
-    assert_close_rel(outputs(pruned, x), ref, rtol=rtol, what="zero-channel equivalence")
-    return len(removed)
+    chosen = {}
+
+    def choose(graph):
+        gen = torch.Generator().manual_seed(seed)
+        removed = {}
+        with torch.no_grad():
+            for g in graph.groups:
+                n = int(g.n_units * fraction)
+                if not g.exact or n == 0 or n >= g.n_units:
+                    continue
+                mask = torch.zeros(g.n_units, dtype=torch.bool)
+                mask[torch.randperm(g.n_units, generator=gen)[:n]] = True
+                removed[g.index] = mask
+                for m in g.members:
+                    if _producer_side(graph, m):
+                        graph.params[m.name].index_fill_(m.dim, m.pos[mask[m.unit]], 0.0)
+        chosen["n"] = len(removed)
+        return removed
+
+    cut = cut_valid(model, x, choose)
+    assert chosen["n"], "no exact group to test"
+    assert pk.count_params(cut.pruned) < pk.count_params(model)
+    assert_close_rel(outputs(cut.pruned, x), outputs(model, x), rtol=rtol, what="zero-channel equivalence")
+    return chosen["n"]
 
 
 def check_save_load(result, fresh, x, tmp_path):

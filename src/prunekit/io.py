@@ -183,4 +183,9 @@ def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool = Tru
         if k in own and own[k].shape != v.shape:
             raise LoadError(f"{where}: '{k}' has shape {tuple(v.shape)} but the model expects "
                             f"{tuple(own[k].shape)}; the plan and the weights disagree")
+    from collections import OrderedDict
+    sd = OrderedDict(sd)
+    meta = getattr(own, "_metadata", None)     # module versions some modules check while loading (MNASNet)
+    if meta is not None:
+        sd._metadata = meta
     model.load_state_dict(sd, strict=strict)

@@ -315,41 +315,39 @@ def _validate(pruned, example_inputs, base_out):
     return None
 
 
-@register_handler(Structured)
-def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, inplace: bool = False,
-                     graph: Optional[DependencyGraph] = None, **_) -> PruneResult:
-    if example_inputs is None:
-        raise ValueError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
-                         "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
-    t0 = time.perf_counter()
-    base_out = None
-    ignore = list(cfg.ignore)
+@dataclasses.dataclass
+class Cut:
+    graph: DependencyGraph
+    removed: Dict[int, torch.Tensor]
+    pruned: nn.Module
+    kept: Dict[str, Dict[int, List[int]]]
+    attrs: List[List]
+    ignore: List[str]
+    auto_ignored: List[str]
+
+
+def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGraph], Dict[int, torch.Tensor]],
+              ignore: Sequence[str] = (), graph: Optional[DependencyGraph] = None, attempts: int = 8) -> Cut:
+    """Trace, let `choose(graph)` pick units to remove, cut a copy, and check the copy runs.
+
+    When the cut copy fails inside some module (its code derives one size from another, e.g.
+    `reshape(B, N, C)` with C the input width but the heads pruned), every module of that class is added to
+    `ignore` and the cut is redone. `model` is never modified."""
+    ignore = list(ignore)
     auto_ignored: List[str] = []
-    for attempt in range(8):
-        was_training = model.training
-        model.eval()
-        try:
-            if graph is None or attempt > 0:
+    for attempt in range(attempts):
+        if graph is None or attempt > 0:
+            was_training = model.training
+            model.eval()
+            try:
                 graph = DependencyGraph(model, example_inputs, ignore=ignore)
-        finally:
-            model.train(was_training)
-        t_graph = time.perf_counter() - t0
-        tensors = {**graph.params, **graph.buffers}
-        sc = group_scores(graph, cfg, tensors)
-        lat_info = None
-        if cfg.target is not None and hasattr(cfg.target, "speedup"):
-            from .latency import allocate_for_latency
-            removed, lat_info = allocate_for_latency(model, graph, sc, cfg, example_inputs)
-        elif cfg.target is not None:
-            removed = allocate_for_target(graph, sc, cfg)
-        else:
-            removed = allocate(graph, sc, cfg)
-        t_alloc = time.perf_counter() - t0
+            finally:
+                model.train(was_training)
+        removed = choose(graph)
         pruned, kept, attrs = remove_units(model, graph, removed)
-        base_out = _outputs(graph.trace.output)
-        failure = _validate(pruned, example_inputs, base_out)
+        failure = _validate(pruned, example_inputs, _outputs(graph.trace.output))
         if failure is None:
-            break
+            return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored)
         mod_name, err = failure
         cls = type(model.get_submodule(mod_name)) if mod_name else None
         same = [n for n, m in model.named_modules() if cls is not None and type(m) is cls and n]
@@ -361,9 +359,33 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         ignore += new
         auto_ignored.append(f"{cls.__name__} ({len(new)} modules): {err}")
         warnings.warn(f"pruning {cls.__name__} modules breaks their forward ({err}); leaving all "
-                      f"{len(new)} of them untouched (as if ignore= named them) and pruning the rest", stacklevel=2)
-    else:
-        raise GraphError("could not find a valid pruning after 8 attempts; pass ignore= for the modules above")
+                      f"{len(new)} of them untouched (as if ignore= named them) and pruning the rest", stacklevel=3)
+    raise GraphError(f"could not find a valid pruning after {attempts} attempts; pass ignore= for: {auto_ignored}")
+
+
+@register_handler(Structured)
+def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, inplace: bool = False,
+                     graph: Optional[DependencyGraph] = None, **_) -> PruneResult:
+    if example_inputs is None:
+        raise ValueError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
+                         "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
+    t0 = time.perf_counter()
+    info: Dict[str, Any] = {}
+
+    def choose(g: DependencyGraph):
+        info["t_graph"] = time.perf_counter() - t0
+        sc = group_scores(g, cfg, {**g.params, **g.buffers})
+        if cfg.target is not None and hasattr(cfg.target, "speedup"):
+            from .latency import allocate_for_latency
+            rm, lat = allocate_for_latency(model, g, sc, cfg, example_inputs)
+            info["lat"] = lat
+            return rm
+        return allocate_for_target(g, sc, cfg) if cfg.target is not None else allocate(g, sc, cfg)
+
+    cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph)
+    graph, removed, pruned, kept, attrs = cut.graph, cut.removed, cut.pruned, cut.kept, cut.attrs
+    ignore, auto_ignored, lat_info, t_graph = cut.ignore, cut.auto_ignored, info.get("lat"), info["t_graph"]
+    t_alloc = t_graph
     macs_before, params_before = graph.macs(), sum(p.numel() for p in model.parameters())
     macs_after = graph.macs(removed)
     if inplace:
@@ -382,7 +404,8 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
     stats = {"params_before": params_before, "params_after": sum(p.numel() for p in pruned.parameters()),
              "macs_before": macs_before, "macs_after": macs_after, "groups": len(graph.groups),
              "groups_pruned": len(removed), "time_graph_s": t_graph, "time_alloc_s": t_alloc - t_graph,
-             "time_total_s": t_surgery, "auto_ignored": auto_ignored}
+             "time_total_s": t_surgery, "auto_ignored": auto_ignored,
+             "ignore": ignore}
     if lat_info:
         stats.update(lat_info)
     return PruneResult(model=pruned, plan=plan, config=cfg, stats=stats)

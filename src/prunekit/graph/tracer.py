@@ -315,11 +315,18 @@ class Tracer(TorchFunctionMode):
         ins = [t for t in _tensors((args, kwargs))]
         has_blocks = any(self.blocks(t) for t in ins)
         if self._is_ignored(self.module_stack[-1]) and self.module_stack[-1]:
-            for t in ins:
+            # an ignored module keeps every channel it touches; its ops still count towards MACs
+            try:
+                self.dispatch_rule(name, func, args, kwargs, out, ins, has_blocks)
+            except GraphError:
+                for o in _tensors(out):
+                    self.set(o, [])
+            for t in ins + _tensors(out):
                 self.pin_tensor(t)
-            for o in _tensors(out):
-                self.set(o, [])
             return
+        self.dispatch_rule(name, func, args, kwargs, out, ins, has_blocks)
+
+    def dispatch_rule(self, name, func, args, kwargs, out, ins, has_blocks):
         rule = RULES.get(name)
         if rule is not None:
             rule(self, args, kwargs, out)
@@ -869,6 +876,13 @@ def rule_mha(tr: Tracer, args, kwargs, out):
     tr.cost(q.numel() * E * 4 + q.numel() * q.shape[0] * 2, [], "mha")
 
 
+def rule_normalize(tr: Tracer, args, kwargs, out):
+    x = args[0]
+    dim = _arg(args, kwargs, 2, "dim", 1)
+    tr.stat(tr.ids_along(x, dim))
+    tr.set(out, list(tr.blocks(x)))
+
+
 def rule_setitem(tr: Tracer, args, kwargs, out):
     target, value = args[0], args[2] if len(args) > 2 else None
     if tr.blocks(target) or (isinstance(value, torch.Tensor) and tr.blocks(value)):
@@ -916,8 +930,19 @@ def rule_einsum(tr: Tracer, args, kwargs, out):
             shape[rhs.index(letters[k])] = t.shape[sorted(dims)[k]]
         blocks.append(grid.reshape(shape))
     tr.set(out, blocks)
-    tr.cost(out.numel() * max(1, math.prod(ops[0].shape) // max(1, math.prod(
-        ops[0].shape[terms[0].index(c)] for c in rhs if c in terms[0]))), [], "einsum")
+    # MACs: every output element sums over the letters that appear in no output position
+    summed = [c for c in dict.fromkeys(lhs.replace(",", "")) if c not in rhs]
+    size = {}
+    for t, term in zip(ops, terms):
+        for d, c in enumerate(term):
+            size[c] = max(size.get(c, 1), t.shape[d])
+    factors = [tr.dim_ids(out, d) for d in range(out.dim())]
+    for c in summed:
+        for t, term in zip(ops, terms):
+            if c in term:
+                factors.append(tr.dim_ids(t, term.index(c)))
+                break
+    tr.cost(out.numel() * math.prod(size[c] for c in summed), factors, "einsum")
 
 
 def rule_baddbmm(tr: Tracer, args, kwargs, out):
@@ -947,7 +972,7 @@ RULES: Dict[str, Callable] = {
     "matmul": rule_matmul, "__matmul__": rule_matmul, "bmm": rule_matmul, "mm": rule_matmul,
     "scaled_dot_product_attention": rule_sdpa,
     "multi_head_attention_forward": rule_mha,
-    "__setitem__": rule_setitem, "einsum": rule_einsum, "baddbmm": rule_baddbmm, "addmm": rule_addmm,
+    "__setitem__": rule_setitem, "normalize": rule_normalize, "einsum": rule_einsum, "baddbmm": rule_baddbmm, "addmm": rule_addmm,
 }
 
 
