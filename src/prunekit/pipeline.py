@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import importance as _importance, latency as _latency  # noqa: F401  (register their configs)
+from . import importance as _importance, latency as _latency, sparse as _sparse  # noqa: F401  (register configs)
 from .config import Config, ConfigError, check_type, config_from_dict, register_config
 from .recover import Recover, RecoveryDiverged
 from .runs import Run, RunError, atomic_write_text, seed_everything

@@ -1,0 +1,52 @@
+"""Every registered config class survives to_dict -> YAML -> JSON -> config_from_dict unchanged."""
+import json
+
+import pytest
+import yaml
+
+import prunekit as pk
+import prunekit.importance  # noqa: F401  (registers the importance configs)
+import prunekit.latency  # noqa: F401
+import prunekit.pipeline  # noqa: F401
+import prunekit.schedule  # noqa: F401
+import prunekit.sparse  # noqa: F401
+from prunekit.config import _CONFIGS, config_from_dict
+
+# configs whose defaults are not valid on their own, with a typical non-default instance
+SAMPLES = {
+    "Iterative": lambda C: C(prune=pk.Structured(ratio=0.5, importance=prunekit.importance.Taylor(batches=2)),
+                             steps=2, recover=pk.Recover(epochs=2), max_drop=0.01),
+    "Recipe": lambda C: C(stages=[{"prune": {"type": "Structured", "ratio": 0.3}}, {"recover": {"epochs": 1}},
+                                  {"evaluate": {"max_drop": 0.02}}], seed=4),
+    "Structured": lambda C: C(ratio={"layer.*": 0.4}, importance=prunekit.importance.Activation(kind="apoz"),
+                              target=prunekit.latency.Latency(speedup=2.0), ignore=["fc"]),
+    "Gradual": lambda C: C(sparsity=0.8, steps=3, prune=pk.sparse.Sparse(method="wanda")),
+}
+
+
+def instance(name):
+    cls = _CONFIGS[name]
+    return SAMPLES[name](cls) if name in SAMPLES else cls()
+
+
+@pytest.mark.parametrize("name", sorted(_CONFIGS))
+def test_yaml_and_json_round_trip(name):
+    cfg = instance(name)
+    d = cfg.to_dict()
+    via_yaml = config_from_dict(yaml.safe_load(yaml.safe_dump(d)))
+    via_json = config_from_dict(json.loads(json.dumps(d)))
+    assert type(via_yaml) is type(cfg)
+    assert via_yaml.to_dict() == d and via_json.to_dict() == d
+
+
+def test_registry_has_the_pipeline_configs():
+    for name in ("Structured", "Sparse", "Recover", "Latency", "Taylor", "Activation", "BNScale", "Magnitude",
+                 "Random", "Iterative", "Gradual", "Evaluate", "Recipe", "MACs", "Params"):
+        assert name in _CONFIGS, name
+
+
+def test_unknown_key_names_closest_and_runtime_fields_are_not_serialized():
+    with pytest.raises(pk.ConfigError, match="did you mean 'speedup'"):
+        config_from_dict({"type": "Latency", "speedupp": 2})
+    d = prunekit.importance.Taylor(data=[1, 2], batches=3).to_dict()
+    assert "data" not in d and "loss_fn" not in d and d["batches"] == 3
