@@ -110,9 +110,9 @@ def data_split(tok, calib: int, evalw: int):
 
 def memory_child(mode: str, calib: int) -> None:
     """Run in a fresh process: peak RSS rise of one SparseGPT 50% prune in the given pipeline."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     model, tok = load_model()
-    cal, _, _ = data_split(tok, calib, 0 if False else 1)
+    cal, _, _ = data_split(tok, calib, 1)
     cfg = Sparse(sparsity=0.5, method="sparsegpt", pipeline=mode, sequential=mode == "layerwise")
     res, mem = measure_peak_memory(pk.prune, model, cfg, data=cal, inplace=True)
     print(json.dumps({"mode": mode, **mem, "seconds": res.stats["seconds"]}))
@@ -133,7 +133,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows of 512 tokens (default 8)")
     ap.add_argument("--windows", type=int, default=8, help="held-out evaluation windows of 512 tokens (default 8)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine more threads run slower)")
     ap.add_argument("--runs", default="all", help="comma-separated labels from RUNS, or 'all'")
     ap.add_argument("--no-memory", action="store_true", help="skip the whole-vs-layerwise peak memory runs")
     ap.add_argument("--out", default=None, help="write results JSON here")

@@ -265,6 +265,12 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     if cfg.needs_data and cfg.pipeline == "layerwise":
         prefix, layers = find_blocks(model)
         n_blocks = len(layers)
+    elif cfg.owl:                                            # OWL groups layers by block in either pipeline
+        try:
+            prefix, layers = find_blocks(model)
+            n_blocks = len(layers)
+        except ValueError:
+            pass
     by_block, rest = _group_targets(names, prefix, n_blocks)
 
     if cfg.owl:
@@ -308,7 +314,8 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
         "type": "Sparse",
         "config": cfg.to_dict(),
         "blocks": prefix,
-        "layers": {n: {"method": cfg.method, "sparsity": layer_sparsity[n], "pattern": cfg.pattern,
+        "layers": {n: {"method": cfg.method, "sparsity": 0.0 if n in skipped else layer_sparsity[n],
+                       "pattern": "dense (never ran on calibration data)" if n in skipped else cfg.pattern,
                        "shape": list(weight_2d(modules[n]).shape),
                        "layout": "out,in" if isinstance(modules[n], nn.Linear) else "in,out (Conv1D)"}
                    for n in names},
@@ -327,8 +334,8 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
 def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device) -> dict:
     """Dense pre-pass: Wanda scores of every group -> outlier ratio -> per-group sparsity (mean = target).
 
-    Groups are transformer blocks (the OWL paper's "layers"); with pipeline='whole' each target outside a
-    block is its own group. Layers outside the block stack in the layer-wise pipeline keep the uniform target."""
+    Groups are transformer blocks (the OWL paper's "layers"). With pipeline='whole' each target outside the
+    block stack is a group of its own; with the layer-wise pipeline those keep the uniform target."""
     ratios: Dict[object, float] = {}
     live: Dict[str, InputStats] = {}
 
