@@ -154,3 +154,16 @@ def test_sensitivity_ratios_feed_structured_ratio_dict():
     assert len(ratios) == 2 and all(0 <= v <= 0.9 for v in ratios.values())
     res = pk.prune(m, Structured(ratio=ratios), example_inputs=x[:1])
     assert res.stats["params_after"] < res.stats["params_before"]
+
+
+def test_prepare_is_idempotent_per_graph():
+    m = TinyMLP()
+    x = torch.tensor([[1.0, 1.0]])
+    graph = pk.DependencyGraph(m, x)
+    calls = []
+    imp = I.Taylor(data=[x], loss_fn=lambda out, t: calls.append(1) or out.sum())
+    imp.prepare(m, graph)
+    imp.prepare(m, graph)                            # structured pruning may call it again: no second pass
+    assert len(calls) == 1
+    imp.prepare(m, pk.DependencyGraph(m, x))         # a re-traced graph recalibrates
+    assert len(calls) == 2

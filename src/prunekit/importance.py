@@ -428,8 +428,12 @@ class Taylor(Importance):
             raise ConfigError(f"Taylor.batches must be >= 1, got {self.batches}")
         _check_common("Taylor", self.agg, self.norm)
         self._values: Optional[ChannelValues] = None
+        self._graph_id: Optional[int] = None
 
     def prepare(self, model, graph):
+        if self._values is not None and self._graph_id == id(graph):
+            return                                   # already calibrated on this very graph
+        self._graph_id = id(graph)
         wanted = [(m.name, m.dim) for g in graph.groups for m in g.members if not m.is_buffer]
         self._values = accumulate_taylor(model, _calibration_batches(self.data, self.batches), wanted,
                                          self.loss_fn, self.quiet)
@@ -463,8 +467,12 @@ class Activation(Importance):
         check_type("Activation", "batches", self.batches, int, "a positive int")
         _check_common("Activation", self.agg, self.norm)
         self._stats: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
+        self._graph_id: Optional[int] = None
 
     def prepare(self, model, graph):
+        if self._stats is not None and self._graph_id == id(graph):
+            return                                   # already calibrated on this very graph
+        self._graph_id = id(graph)
         mods = [p for g in graph.groups for p in g.producers]
         self._stats = collect_activations(model, _calibration_batches(self.data, self.batches), mods, self.quiet)
 
