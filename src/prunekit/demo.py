@@ -26,14 +26,13 @@ import argparse
 import contextlib
 import dataclasses
 import html
-import json
 import os
 import re
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import prunekit as pk
-from prunekit.data import _gensim_lines, lee_similarity
+from prunekit.data import lee_similarity
 from prunekit.graph import DependencyGraph
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -115,7 +114,7 @@ def background_sentences(limit: Optional[int] = None) -> List[str]:
     """Sentences of the 300 Lee background news documents (disjoint from the 50 evaluation documents).
 
     Split at sentence-final punctuation followed by a capital or quote; fragments under 4 words dropped."""
-    sents = [s.strip() for doc in _gensim_lines("lee_background.cor")
+    sents = [s.strip() for doc in pk.data.load("lee", split="train").inputs
              for s in re.split(r'(?<=[.!?])\s+(?=[A-Z"])', doc) if len(s.split()) >= 4]
     return sents if limit is None else sents[:limit]
 
@@ -220,7 +219,8 @@ class EvalSuite:
         ntok = np.array([len(t) for t in tokenizer(docs, truncation=True, max_length=LEE_MAX_TOKENS)["input_ids"]])
         med = float(np.median(ntok))
         long_doc = ntok > med
-        names = {0: f"both short (<= {med:.0f} tokens)", 1: "one short, one long", 2: f"both long (> {med:.0f})"}
+        names = {0: f"both short (<= {med:.0f} tokens)", 1: "one short, one long",
+                 2: f"both long (> {med:.0f} tokens)"}
         self.lee_tags = [names[int(long_doc[a]) + int(long_doc[b])] for a, b in zip(i.tolist(), j.tolist())]
 
         texts, labels = polarity_sentences()
@@ -236,7 +236,8 @@ class EvalSuite:
         self.pol_tags = {
             "polarity_label": ["neg" if y == 0 else "pos" for y in labels],
             "polarity_length": [f"short (<= {lo:.0f} words)" if w <= lo else
-                                (f"long (> {hi:.0f} words)" if w > hi else "medium") for w in words],
+                                (f"long (> {hi:.0f} words)" if w > hi else f"medium ({lo + 1:.0f}-{hi:.0f} words)")
+                                for w in words],
         }
 
     def run(self, encoder: nn.Module, reference: Optional[Dict[str, pk.EvalResult]] = None,
@@ -487,7 +488,7 @@ def run(out_dir: str = "runs/demo", settings: Optional[Settings] = None, quiet: 
     result = chosen["result"]
     rec.set("widths", widths(result.plan))
 
-    before = suite.run(result.model, reference=dense_eval, n_boot=s.n_boot)
+    before = suite.run(result.model)
     rec_res, n_sents = distill(result.model, dense, tokenizer, s, log)
     pruned = result.model.eval()
 
@@ -554,16 +555,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="same code path, fewer candidates/reps/steps (tests)")
     ap.add_argument("--speedup-goal", type=float, default=None,
                     help=f"measured speedup to reach (default {Settings.speedup_goal})")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for evaluation and distillation (default: torch's; latency is always "
-                         f"timed with {LATENCY_THREADS})")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for evaluation and distillation (default 1: on a small shared machine a "
+                         "second thread stalls on busy cores; a 2-core box under load ran the demo 3x slower "
+                         f"with 2). Latency is always timed with {LATENCY_THREADS}.")
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     s = Settings.quick() if args.quick else Settings()
     if args.speedup_goal is not None:
         s = dataclasses.replace(s, speedup_goal=args.speedup_goal)
-    res = run(args.out, s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        res = run(args.out, s)
+    finally:
+        torch.set_num_threads(threads)      # main() is also called in-process (tests): leave no trace
     print(summary_table(res["summary"]))
     flagged = {k: v.comparison.flagged for k, v in res["evals"]["pruned"].items()}
     print(f"\nflagged slices (pruned vs dense): {flagged}")
