@@ -133,6 +133,9 @@ def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
     try:
         apply_kept(model, kept, [tuple(a) for a in plan.get("attrs", [])])
+        from . import hf
+        if hf.is_hf(model):
+            hf.after_surgery(model, model.config)
     except (KeyError, AttributeError, IndexError, RuntimeError) as e:
         raise LoadError(f"pk.load: the plan does not fit this model ({e}); pass the same architecture the "
                         f"pruned model was made from") from e

@@ -13,12 +13,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import hf
 from . import scores as S
 from .api import PruneResult
 from .config import Config, ConfigError, register_config, register_handler
 from .graph.groups import DependencyGraph, Group
 from .graph.tracer import GraphError
-from .surgery import apply_kept
+from .surgery import apply_kept, is_known_module
 
 
 @register_config
@@ -62,6 +63,8 @@ class Structured(Config):
     ignore:       module names or regexes whose parameters are left untouched.
     max_ratio_per_layer: never remove more than this fraction of any group.
     target:       a resource goal instead of a ratio: pk.MACs(ratio=...) or pk.Params(ratio=...).
+    prune_hidden: also prune the residual stream (hidden size) of Hugging Face transformers. Default: False for
+                  transformers (heads and FFN neurons only), True for every other model.
     """
     ratio: Union[float, Dict[str, float]] = 0.5
     importance: Union[str, Callable] = "l2"
@@ -71,6 +74,7 @@ class Structured(Config):
     max_ratio_per_layer: float = 0.9
     target: Optional[Config] = None
     seed: int = 0
+    prune_hidden: Optional[bool] = None
 
     def __post_init__(self):
         if isinstance(self.ratio, dict):
@@ -142,14 +146,19 @@ def _round_keep(g: Group, keep: int, round_to: int) -> int:
 
 
 def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Structured, ratio=None,
-             warn: bool = True) -> Dict[int, torch.Tensor]:
-    """Decide which units each group loses. Returns {group index: bool mask of removed units}."""
+             warn: bool = True, skip=()) -> Dict[int, torch.Tensor]:
+    """Decide which units each group loses. Returns {group index: bool mask of removed units}.
+
+    skip: indices of groups that must keep all their units (e.g. a transformer's hidden size)."""
     ratio = cfg.ratio if ratio is None else ratio
+    skip = set(skip)
     keep_n: Dict[int, int] = {}
     clamped = []
     if cfg.global_ranking and not isinstance(ratio, dict):
         entries = []
         for g in graph.groups:
+            if g.index in skip:
+                continue
             s = S.normalize(scores[g.index].clone())
             for u in range(g.n_units):
                 entries.append((float(s[u]), g.index))
@@ -157,6 +166,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
         total = len(entries)
         budget = int(math.floor(float(ratio) * total))
         removed_cnt = {g.index: 0 for g in graph.groups}
+        cap = {}
         cap = {g.index: min(int(math.floor(cfg.max_ratio_per_layer * g.n_units)),
                             g.n_units - _min_keep(g, cfg.round_to)) for g in graph.groups}
         for s, gi in entries:
@@ -169,7 +179,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
             keep_n[g.index] = g.n_units - removed_cnt[g.index]
     else:
         for g in graph.groups:
-            r = min(_group_ratio(g, ratio), cfg.max_ratio_per_layer)
+            r = 0.0 if g.index in skip else min(_group_ratio(g, ratio), cfg.max_ratio_per_layer)
             n_rm = int(math.floor(r * g.n_units + 1e-9))
             keep = g.n_units - n_rm
             mk = _min_keep(g, cfg.round_to)
@@ -180,6 +190,8 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
             keep_n[g.index] = keep
     removed = {}
     for g in graph.groups:
+        if g.index in skip:
+            continue
         keep = _round_keep(g, max(keep_n[g.index], min(_min_keep(g, cfg.round_to), g.n_units)), cfg.round_to)
         if keep >= g.n_units:
             continue
@@ -193,7 +205,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
     return removed
 
 
-def allocate_for_target(graph: DependencyGraph, scores, cfg: Structured) -> Dict[int, torch.Tensor]:
+def allocate_for_target(graph: DependencyGraph, scores, cfg: Structured, skip=()) -> Dict[int, torch.Tensor]:
     """Bisect the pruning ratio until the analytic MACs/params reach the target."""
     t = cfg.target
     if isinstance(t, MACs):
@@ -202,17 +214,17 @@ def allocate_for_target(graph: DependencyGraph, scores, cfg: Structured) -> Dict
         measure, base = graph.param_count, graph.param_count()
     goal = base * (1.0 - t.ratio)
     lo, hi = 0.0, cfg.max_ratio_per_layer
-    best = allocate(graph, scores, cfg, ratio=0.0, warn=False)
-    for _ in range(30):
+    best = allocate(graph, scores, cfg, ratio=0.0, warn=False, skip=skip)
+    for _ in range(16):
         mid = (lo + hi) / 2
-        rm = allocate(graph, scores, cfg, ratio=mid, warn=False)
+        rm = allocate(graph, scores, cfg, ratio=mid, warn=False, skip=skip)
         if measure(rm) > goal:
             lo = mid
         else:
             hi = mid
             best = rm
     if measure(best) > goal * 1.02:
-        best = allocate(graph, scores, cfg, ratio=hi, warn=False)
+        best = allocate(graph, scores, cfg, ratio=hi, warn=False, skip=skip)
     return best
 
 
@@ -237,6 +249,8 @@ def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> 
             try:
                 mod = model.get_submodule(rec.module) if rec.module else model
             except AttributeError:
+                continue
+            if is_known_module(mod):
                 continue
             for attr, v in vars(mod).items():
                 if attr.startswith("_") or isinstance(v, bool) or not isinstance(v, int) or v != old:
@@ -281,6 +295,8 @@ def remove_units(model: nn.Module, graph: DependencyGraph, removed: Dict[int, to
     attrs = _literal_attr_updates(graph, model, removed)
     pruned = copy.deepcopy(model)
     apply_kept(pruned, kept, attrs)
+    if hf.is_hf(pruned):
+        hf.after_surgery(pruned, model.config)
     return pruned, kept, attrs
 
 
@@ -372,15 +388,21 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
     t0 = time.perf_counter()
     info: Dict[str, Any] = {}
 
+    hf_model = hf.is_hf(model)
+    prune_hidden = (not hf_model) if cfg.prune_hidden is None else cfg.prune_hidden
+
     def choose(g: DependencyGraph):
         info["t_graph"] = time.perf_counter() - t0
         sc = group_scores(g, cfg, {**g.params, **g.buffers})
+        skip = () if prune_hidden else hf.hidden_group_indices(g, model)
         if cfg.target is not None and hasattr(cfg.target, "speedup"):
             from .latency import allocate_for_latency
             rm, lat = allocate_for_latency(model, g, sc, cfg, example_inputs)
             info["lat"] = lat
-            return rm
-        return allocate_for_target(g, sc, cfg) if cfg.target is not None else allocate(g, sc, cfg)
+            return {k: v for k, v in rm.items() if k not in skip}
+        if cfg.target is not None:
+            return allocate_for_target(g, sc, cfg, skip=skip)
+        return allocate(g, sc, cfg, skip=skip)
 
     cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph)
     graph, removed, pruned, kept, attrs = cut.graph, cut.removed, cut.pruned, cut.kept, cut.attrs
@@ -388,8 +410,11 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
     t_alloc = t_graph
     macs_before, params_before = graph.macs(), sum(p.numel() for p in model.parameters())
     macs_after = graph.macs(removed)
+    base_config = model.config if hf_model else None
     if inplace:
         apply_kept(model, kept, attrs)
+        if hf_model:
+            hf.after_surgery(model, base_config)
         pruned = model
     t_surgery = time.perf_counter() - t0
     plan = {
@@ -397,6 +422,8 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         "config": _safe_dict(cfg),
         "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()},
         "attrs": attrs,
+        **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf._shapes_match(pruned, pruned.config)}
+           if hf_model else {}),
         "groups": [{"index": g.index, "units": g.n_units, "unit_size": g.unit_size,
                     "kept": int(g.n_units - int(removed[g.index].sum())) if g.index in removed else g.n_units,
                     "modules": g.modules[:8]} for g in graph.groups],

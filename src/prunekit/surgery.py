@@ -64,10 +64,19 @@ def apply_kept(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], attrs: S
     if missing:
         raise KeyError(f"plan names tensors this model does not have: {sorted(missing)[:5]}; "
                        f"the model must be the same architecture the plan was made for")
-    _fix_module_attrs(model, conv_old)
     for mname, attr, value in attrs:
         setattr(model.get_submodule(mname) if mname else model, attr, value)
+    _fix_module_attrs(model, conv_old)     # known module types: sizes straight from their weights
     return model
+
+
+KNOWN_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+               nn.Embedding, nn.PReLU)
+
+
+def is_known_module(m: nn.Module) -> bool:
+    """Modules whose size attributes `_fix_module_attrs` derives from their weights."""
+    return isinstance(m, KNOWN_TYPES) or type(m).__name__ == "Conv1D"
 
 
 def _fix_module_attrs(model: nn.Module, conv_old):
@@ -85,6 +94,8 @@ def _fix_module_attrs(model: nn.Module, conv_old):
             else:
                 m.in_channels = (w.shape[0] if transposed else w.shape[1] * old_g)
             m.out_channels = out_ch
+        elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):     # transformers' transposed Linear (GPT-2)
+            m.nx, m.nf = m.weight.shape
         elif isinstance(m, nn.Linear):
             m.in_features, m.out_features = m.weight.shape[1], m.weight.shape[0]
         elif isinstance(m, nn.modules.batchnorm._NormBase):

@@ -392,6 +392,29 @@ class Tracer(TorchFunctionMode):
                                  for i in range(len(ins)))
             if untracked_full:
                 entries = [(i, collapse(self.space, b, d) if b.shape[d] > 1 else b) for i, b in entries]
+        # a block broadcast across dims that another block tracks (RoPE's cos over (heads, head_dim), a per-d
+        # bias shared by all heads) is one-to-many: its entry may only go when its whole slab goes. Keep it
+        # whole and let the other block shrink only along its remaining dims.
+        dims_of = lambda b: frozenset(d for d in range(nd) if b.shape[d] > 1)
+        changed = True
+        while changed:
+            changed = False
+            for x in range(len(entries)):
+                for y in range(len(entries)):
+                    if x == y or entries[x][0] == entries[y][0]:
+                        continue
+                    dx, dy = dims_of(entries[x][1]), dims_of(entries[y][1])
+                    if dy and dy < dx:
+                        self.space.pin(entries[y][1])
+                        bx = entries[x][1]
+                        for d in sorted(dy):
+                            bx = collapse(self.space, bx, d) if bx.shape[d] > 1 else bx
+                        entries[x] = (entries[x][0], bx)
+                        entries.pop(y)
+                        changed = True
+                        break
+                if changed:
+                    break
         # union blocks that share a tracked dim
         for x in range(len(entries)):
             for y in range(x + 1, len(entries)):
