@@ -69,16 +69,18 @@ def main():
     ap.add_argument("--speedups", default="2,3")
     ap.add_argument("--train-limit", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=192, help="optimizer steps of every fine-tuning run")
+    ap.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    ap.add_argument("--train-threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--val-limit", type=int, default=2000)
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "cost"])
     ap.add_argument("--importance", default="l2")
     a = ap.parse_args()
-    torch.set_num_threads(2)                        # training; every timing pins 1 thread itself
+    torch.set_num_threads(a.train_threads)          # training; every timing pins 1 thread itself
     warnings.filterwarnings("ignore")
     t_start = time.time()
     dense = pk.fashion_mnist_cnn().eval()
-    train_data = pk.data.load("fashion-mnist", "train", batch_size=128, limit=a.train_limit)
+    train_data = pk.data.load("fashion-mnist", "train", batch_size=a.batch_size, limit=a.train_limit)
     val = pk.data.load("fashion-mnist", "test", batch_size=500, limit=a.val_limit)
     x = val[0][0][:1]
     acc_dense = accuracy(dense, val)
@@ -117,7 +119,7 @@ def main():
 
 def markdown(rows, a):
     pct = lambda v: f"{100 * v:.2f}"
-    lines = [f"Fashion-MNIST CNN, {a.val_limit} test images; fine-tuning = {a.steps} AdamW steps of batch 128, "
+    lines = [f"Fashion-MNIST CNN, {a.val_limit} test images; fine-tuning = {a.steps} AdamW steps of batch {a.batch_size}, "
              f"lr {a.lr}, on {a.train_limit} train images (same for every row); speedup = dense/pruned latency, "
              f"batch 16, 1 thread, min of 60 interleaved reps.", "",
              "| requested | achieved (search / recheck) | MACs | method | no recovery | + fine-tune | + distill |",
