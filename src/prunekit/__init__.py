@@ -3,6 +3,7 @@ from .config import Config, ConfigError, config_from_dict
 from .api import PruneResult, prune
 from .graph import DependencyGraph, GraphError, Group
 from .structured import MACs, Params, Structured
+from .layers import Layers
 from .flops import count_macs, count_params
 from .io import LoadError, load, save
 from .evaluate import EvalResult, SliceComparison, TokenWindows, compare, compare_slices, evaluate

@@ -89,7 +89,7 @@ def save(result, path: Union[str, Path]) -> Path:
     model = result.model if hasattr(result, "model") else result
     plan = getattr(result, "plan", None) or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}
     hf_save = getattr(model, "save_pretrained", None)
-    if callable(hf_save) and plan.get("format", "").startswith("prunekit.structured"):
+    if callable(hf_save) and plan.get("format", "").startswith(("prunekit.structured", "prunekit.layers")):
         try:
             from .hf import save_hf
             save_hf(model, plan, path)
@@ -130,6 +130,9 @@ def read_plan(path: Union[str, Path]) -> Dict[str, Any]:
 
 def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     """Apply a saved structured plan to a fresh model of the original architecture (in place)."""
+    if plan.get("format", "").startswith("prunekit.layers"):
+        from .layers import replay_layers
+        return replay_layers(model, plan)
     kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
     try:
         apply_kept(model, kept, [tuple(a) for a in plan.get("attrs", [])])

@@ -1,0 +1,134 @@
+"""Bad input gets a clear error: what was wrong, where, and what to do."""
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import prunekit as pk
+
+
+def small():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "half"])
+def test_ratio_out_of_range_names_argument(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        pk.Structured(ratio=ratio)
+
+
+def test_per_module_ratio_checked():
+    with pytest.raises(ValueError, match=r"ratio\['conv'\]"):
+        pk.Structured(ratio={"conv": 2.0})
+
+
+@pytest.mark.parametrize("kw, field", [({"importance": "taylorr"}, "importance"), ({"round_to": 0}, "round_to"),
+                                       ({"max_ratio_per_layer": 0.0}, "max_ratio_per_layer"),
+                                       ({"target": 3}, "target")])
+def test_config_fields_named(kw, field):
+    with pytest.raises(pk.ConfigError, match=field):
+        pk.Structured(**kw)
+
+
+def test_ratio_that_deletes_whole_group_keeps_min_and_warns():
+    m = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 3)).eval()
+    r = pk.prune(m, pk.Structured(ratio=0.99, max_ratio_per_layer=1.0), example_inputs=torch.randn(2, 4))
+    assert r.model[0].out_features == 1           # never zero channels
+    m2 = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with pytest.warns(UserWarning, match="lose all their channels"):
+        r2 = pk.prune(m2, pk.Structured(ratio=0.9, round_to=8, max_ratio_per_layer=1.0),
+                      example_inputs=torch.randn(2, 4))
+    assert r2.model[0].out_features == 8
+
+
+class FFTNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.fft.fft(self.a(x), dim=1).real
+        return self.b(y)
+
+
+def test_untraceable_op_names_op_module_and_ignore():
+    with pytest.raises(pk.GraphError) as e:
+        pk.prune(FFTNet().eval(), pk.Structured(ratio=0.5), example_inputs=X)
+    msg = str(e.value)
+    assert "fft" in msg and "ignore=" in msg
+
+
+def test_ignore_leaves_module_untouched():
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = FFTNet()
+            self.c = nn.Conv2d(2, 4, 1)
+            self.d = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.d(torch.relu(self.c(self.inner(x))))
+
+    m = Wrap().eval()
+    r = pk.prune(m, pk.Structured(ratio=0.5, ignore=["inner"]), example_inputs=X)
+    assert r.model.inner.a.out_channels == 8 and r.model.c.out_channels == 2
+
+
+def test_missing_example_inputs():
+    with pytest.raises(ValueError, match="example_inputs"):
+        pk.prune(small(), pk.Structured(ratio=0.5))
+
+
+def test_wrong_argument_types():
+    with pytest.raises(TypeError, match="nn.Module"):
+        pk.prune("model", pk.Structured())
+    with pytest.raises(TypeError, match="config"):
+        pk.prune(small(), {"ratio": 0.5})
+
+
+def test_load_missing_and_corrupt_files(tmp_path):
+    m = small()
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=X)
+    with pytest.raises(pk.LoadError, match="not a directory"):
+        pk.load(tmp_path / "nope", model=small())
+    d = pk.save(r, tmp_path / "ok")
+    (d / "plan.json").unlink()
+    with pytest.raises(pk.LoadError, match="plan.json' is missing"):
+        pk.load(d, model=small())
+    d = pk.save(r, tmp_path / "corrupt")
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-4:] = b"\x00\x01\x02\x03"
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(pk.LoadError, match="checksum"):
+        pk.load(d, model=small())
+    d = pk.save(r, tmp_path / "badjson")
+    (d / "plan.json").write_text("{not json")
+    (d / "prunekit.json").unlink()
+    with pytest.raises(pk.LoadError, match="not valid JSON"):
+        pk.load(d, model=small())
+    d = pk.save(r, tmp_path / "wrongarch")
+    with pytest.raises(pk.LoadError):
+        pk.load(d, model=nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_saved_files_are_safetensors_and_json(tmp_path):
+    r = pk.prune(small(), pk.Structured(ratio=0.5), example_inputs=X)
+    d = pk.save(r, tmp_path)
+    assert (d / "model.safetensors").read_bytes()[:8] != b"\x80\x02"      # not a pickle
+    json.loads((d / "plan.json").read_text())
+    assert not list(d.glob("*.bin")) and not list(d.glob("*.pt")) and not list(d.glob("*.pkl"))
+
+
+def test_config_round_trip():
+    cfgs = [pk.Structured(ratio={"a.*": 0.3}, round_to=8, ignore=["fc"]), pk.Structured(target=pk.MACs(ratio=0.5)),
+            pk.Layers(n=2, importance="angular"), pk.Params(ratio=0.2)]
+    for c in cfgs:
+        assert pk.config_from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(pk.ConfigError, match="did you mean 'round_to'"):
+        pk.config_from_dict({"type": "Structured", "round_too": 8})
