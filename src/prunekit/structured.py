@@ -104,6 +104,8 @@ class Structured(Config):
 def group_scores(graph: DependencyGraph, cfg: Structured, tensors: Dict[str, torch.Tensor]) -> Dict[int, torch.Tensor]:
     gen = torch.Generator().manual_seed(cfg.seed)
     out = {}
+    if hasattr(cfg.importance, "prepare"):          # data-aware criteria (Taylor, activations) calibrate once
+        cfg.importance.prepare(graph.model, graph)
     for g in graph.groups:
         if callable(cfg.importance):
             s = torch.as_tensor(cfg.importance(g, tensors), dtype=torch.float64).reshape(-1)
