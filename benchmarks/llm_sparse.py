@@ -112,6 +112,9 @@ def memory_child(mode: str, calib: int) -> None:
     """Run in a fresh process: peak RSS rise of one SparseGPT 50% prune in the given pipeline."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     model, tok = load_model()
+    with torch.no_grad():          # from_pretrained may mmap the file: make weights resident before measuring,
+        for p in model.parameters():   # or first-touch page-ins of the model would count as calibration memory
+            p.data = p.data.clone()
     cal, _, _ = data_split(tok, calib, 1)
     cfg = Sparse(sparsity=0.5, method="sparsegpt", pipeline=mode, sequential=mode == "layerwise")
     res, mem = measure_peak_memory(pk.prune, model, cfg, data=cal, inplace=True)
