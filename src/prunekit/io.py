@@ -88,6 +88,13 @@ def save(result, path: Union[str, Path]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model = result.model if hasattr(result, "model") else result
     plan = getattr(result, "plan", None) or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}
+    from torch.nn.utils import parametrize
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        # sparse masks are parametrizations: save the masked weights as plain tensors (zeros included)
+        import copy
+        from .sparse import bake
+        model = copy.deepcopy(model)
+        bake(model)
     hf_save = getattr(model, "save_pretrained", None)
     if callable(hf_save) and plan.get("format", "").startswith(("prunekit.structured", "prunekit.layers")):
         try:
