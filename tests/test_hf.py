@@ -133,3 +133,15 @@ def test_bad_input():
         pk.prune(m, pk.Layers(n=1))
     with pytest.raises(pk.ConfigError, match="all 2 blocks"):
         pk.prune(m, pk.Layers(n=2), data=[x["input_ids"]])
+
+
+def test_sparse_save_load_roundtrip(tmp_path):
+    m, x = build("llama_gqa")
+    r = pk.prune(m, pk.Sparse(sparsity=0.5, method="magnitude", pattern="2:4"), data=[x["input_ids"]])
+    w = r.model.model.layers[0].mlp.up_proj.weight
+    assert float((w == 0).float().mean()) == 0.5
+    pk.save(r, tmp_path)
+    fresh, _ = build("llama_gqa")
+    again = pk.load(tmp_path, model=fresh)
+    assert torch.equal(again(**x).logits, r.model(**x).logits)
+    assert float((again.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5

@@ -130,8 +130,8 @@ def read_plan(path: Union[str, Path]) -> Dict[str, Any]:
         plan = json.loads((path / PLAN).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"pk.load: '{path / PLAN}' is not valid JSON ({e})") from e
-    if not isinstance(plan, dict) or "kept" not in plan:
-        raise LoadError(f"pk.load: '{path / PLAN}' is not a prunekit plan (no 'kept' entry)")
+    if not isinstance(plan, dict) or not ("kept" in plan or str(plan.get("format", "")).startswith("prunekit.")):
+        raise LoadError(f"pk.load: '{path / PLAN}' is not a prunekit plan (no 'format'/'kept' entry)")
     return plan
 
 

@@ -311,6 +311,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
 
     measured = sparsity_stats(model, names)
     plan = {
+        "format": "prunekit.sparse/1",     # masks are baked into the saved weights; shapes are unchanged
         "type": "Sparse",
         "config": cfg.to_dict(),
         "blocks": prefix,
