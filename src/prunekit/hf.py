@@ -175,7 +175,8 @@ def after_surgery(model: nn.Module, base_config) -> bool:
 
 def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
     base = plan.get("hf_base_config")
-    model.save_pretrained(str(path), safe_serialization=True)
+    from .io import plain_state_dict
+    model.save_pretrained(str(path), safe_serialization=True, state_dict=plain_state_dict(model))
     if base is not None:
         (path / BASE_CONFIG).write_text(json.dumps(base, indent=1))
         if not plan.get("hf_config_exact", False):

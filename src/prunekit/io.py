@@ -51,11 +51,27 @@ def atomic_write_json(path: Union[str, Path], obj: Any):
     _atomic_write_bytes(Path(path), json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
+def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """state_dict where parametrized tensors (sparse masks) appear as their plain masked value under the
+    original name, so the file loads into an ordinary model."""
+    from torch.nn.utils import parametrize
+    sd = dict(model.state_dict(keep_vars=False))
+    for mname, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        prefix = f"{mname}." if mname else ""
+        for pname in list(m.parametrizations.keys()):
+            for k in [k for k in sd if k.startswith(f"{prefix}parametrizations.{pname}.")]:
+                del sd[k]
+            sd[prefix + pname] = getattr(m, pname).detach()
+    return sd
+
+
 def state_dict_unique(model: nn.Module) -> Dict[str, torch.Tensor]:
     """state_dict with each tied tensor once (safetensors refuses shared storage)."""
     seen = {}
     out = {}
-    for k, v in model.state_dict(keep_vars=False).items():
+    for k, v in plain_state_dict(model).items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride())) \
             if v.numel() else None
         if key is not None and key in seen:
@@ -88,15 +104,9 @@ def save(result, path: Union[str, Path]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model = result.model if hasattr(result, "model") else result
     plan = getattr(result, "plan", None) or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}
-    from torch.nn.utils import parametrize
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        # sparse masks are parametrizations: save the masked weights as plain tensors (zeros included)
-        import copy
-        from .sparse import bake
-        model = copy.deepcopy(model)
-        bake(model)
     hf_save = getattr(model, "save_pretrained", None)
-    if callable(hf_save) and plan.get("format", "").startswith(("prunekit.structured", "prunekit.layers")):
+    if callable(hf_save) and plan.get("format", "").startswith(("prunekit.structured", "prunekit.layers",
+                                                                 "prunekit.sparse")):
         try:
             from .hf import save_hf
             save_hf(model, plan, path)
