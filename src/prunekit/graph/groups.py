@@ -107,28 +107,46 @@ class DependencyGraph:
         stat_comps = set()
         for ids in tr.stat_ids:
             stat_comps.update(np.unique(labels[ids[ids >= 0].numpy()]).tolist())
+        n_all = len(starts)
+        counts = ends - starts
+        elem_unit = np.repeat(np.arange(n_all), counts)
+        # distinct slots of each unit (elements are sorted by slot within a unit)
+        first = np.ones(len(slot_of), dtype=bool)
+        if len(slot_of):
+            first[1:] = (slot_of[1:] != slot_of[:-1]) | (elem_unit[1:] != elem_unit[:-1])
+        u_first, s_first = elem_unit[first], slot_of[first]
+        cuts = np.flatnonzero(np.diff(u_first)) + 1
+        sig_of_unit = dict(zip(u_first[np.concatenate([[0], cuts])].tolist() if len(u_first) else [],
+                               [tuple(x.tolist()) for x in np.split(s_first, cuts)] if len(u_first) else []))
         by_sig: Dict[Tuple, List[int]] = {}
-        for u, (a, b) in enumerate(zip(starts, ends)):
-            if b - a < 2:
+        for u in range(n_all):
+            if counts[u] < 2:
                 continue   # an id no op ever coupled to anything: not a channel any rule understood
-            sig = tuple(np.unique(slot_of[a:b]).tolist())
-            by_sig.setdefault(sig, []).append(u)
+            by_sig.setdefault(sig_of_unit[u], []).append(u)
+        # group id and local unit index of every element, then one sort gives every member's positions
+        gid = np.full(n_all, -1, dtype=np.int64)
+        local = np.zeros(n_all, dtype=np.int64)
+        sigs = [(sig, units) for sig, units in by_sig.items() if len(units) >= 2]
+        for g_i, (sig, units) in enumerate(sigs):
+            gid[units] = g_i
+            local[units] = np.arange(len(units))
+        e_gid, e_local = gid[elem_unit], local[elem_unit]
+        keep = e_gid >= 0
+        e_gid, e_local, e_slot, e_pos = e_gid[keep], e_local[keep], slot_of[keep], pos_of[keep]
+        order = np.lexsort((e_pos, e_local, e_slot, e_gid))
+        e_gid, e_local, e_slot, e_pos = e_gid[order], e_local[order], e_slot[order], e_pos[order]
+        key_cuts = np.flatnonzero((np.diff(e_gid) != 0) | (np.diff(e_slot) != 0)) + 1
+        seg_start = np.concatenate([[0], key_cuts]) if len(e_gid) else np.zeros(0, np.int64)
+        seg_end = np.concatenate([key_cuts, [len(e_gid)]]) if len(e_gid) else np.zeros(0, np.int64)
+        members_of: Dict[int, List[Member]] = {}
+        for a, b in zip(seg_start, seg_end):
+            slot = tr.slots[int(e_slot[a])]
+            members_of.setdefault(int(e_gid[a]), []).append(
+                Member(slot.name, slot.dim, slot.is_buffer, torch.from_numpy(e_pos[a:b].copy()),
+                       torch.from_numpy(e_local[a:b].copy())))
         self.groups: List[Group] = []
-        for sig, units in by_sig.items():
-            if len(units) < 2:
-                continue     # a single unit can only be kept (a group never loses all its units)
-            members = []
-            for s in sig:
-                slot = tr.slots[s]
-                pos_l, unit_l = [], []
-                for k, u in enumerate(units):
-                    a, b = starts[u], ends[u]
-                    sel = slot_of[a:b] == s
-                    p = pos_of[a:b][sel]
-                    pos_l.append(p)
-                    unit_l.append(np.full(len(p), k, dtype=np.int64))
-                members.append(Member(slot.name, slot.dim, slot.is_buffer, torch.from_numpy(np.concatenate(pos_l)),
-                                      torch.from_numpy(np.concatenate(unit_l))))
+        for g_i, (sig, units) in enumerate(sigs):
+            members = members_of[g_i]
             comps = np.array([comp_of[starts[u]] for u in units])
             producers = sorted({m.name.rpartition(".")[0] for m in members if not m.is_buffer
                                 and not self.is_consumer(m)})
