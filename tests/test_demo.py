@@ -124,3 +124,20 @@ def test_retag_keeps_rows_and_recomputes_slices():
     new = demo.retag(res, ["a", "b", "b", "b"])
     assert new.value == 0.75
     assert new.slices["a"]["value"] == 1.0 and new.slices["b"]["value"] == pytest.approx(2 / 3)
+
+
+def test_onnx_export_checked_and_reported(demo_run):
+    out, metrics = demo_run
+    onnx = metrics["summary"]["onnx"]
+    assert onnx["ok"], onnx["status"]
+    assert onnx["max_abs_diff"] <= 1e-4 and (out / "model.onnx").is_file()
+    assert "ONNX" in (out / "report.md").read_text()
+
+
+def test_export_failure_is_reported_not_fatal(tmp_path):
+    class Eig(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return torch.linalg.eig(input_ids.float()[:, :4, None].expand(-1, 4, 4)).eigenvalues.real
+    r = demo.export_checked(Eig(), {"input_ids": torch.ones(2, 4, dtype=torch.long),
+                                    "attention_mask": torch.ones(2, 4, dtype=torch.long)}, tmp_path / "x.onnx")
+    assert not r["ok"] and "not exported" in r["status"]

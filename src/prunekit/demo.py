@@ -444,6 +444,15 @@ def append_extra_sections(paths: Dict[str, str], comparisons: Dict[str, pk.Slice
         f.write(page.replace("</body></html>", "\n".join(h) + "</body></html>"))
 
 
+def export_checked(model: nn.Module, inputs, path: Path) -> Dict[str, Any]:
+    """Export to ONNX and verify with ONNX Runtime; a failure is reported, never fatal to the demo."""
+    try:
+        r = pk.export_onnx(model, dict(inputs), str(path), reps=5)
+        return {"ok": True, "status": f"exported to {path} and verified with ONNX Runtime", **r}
+    except pk.ExportError as e:
+        return {"ok": False, "status": f"not exported: {e}"}
+
+
 def summary_table(rows: List[Dict[str, Any]]) -> str:
     """The terminal summary: one Markdown row per variant."""
     base = rows[0]
@@ -516,7 +525,11 @@ def run(out_dir: str = "runs/demo", settings: Optional[Settings] = None, quiet: 
     pk.save(result, model_dir)
     log(f"saved the pruned model with pk.save to {model_dir}")
 
-    rec.set("summary", {"metric": "Lee similarity (Pearson r)", "higher_is_better": True,
+    log("exporting the pruned model to ONNX and checking it with ONNX Runtime")
+    onnx = export_checked(pruned, inputs, out / "model.onnx")
+    log(f"  ONNX: {onnx.get('status')}")
+
+    rec.set("summary", {"metric": "Lee similarity (Pearson r)", "higher_is_better": True, "onnx": onnx,
                         "batch_size": LATENCY_BATCH, "rows": rows, "chosen": chosen["name"],
                         "macs_ratio": chosen["macs_ratio"], "model_dir": str(model_dir),
                         "latency": lat, "distillation": {"sentences": n_sents, "steps": rec_res.steps,
@@ -542,6 +555,9 @@ def run(out_dir: str = "runs/demo", settings: Optional[Settings] = None, quiet: 
              f"stratified {PROBE_FOLDS}-fold split of the 200 sentences.",
              f"Per-slice: pk.compare_slices, paired stratified bootstrap ({s.n_boot} replicates), a slice is flagged "
              "when its drop exceeds 2x the overall drop and the Bonferroni-corrected CI of the excess excludes 0."]
+    notes.append(f"ONNX: {onnx['status']}" + (f" (max |ONNX Runtime - PyTorch| = {onnx['max_abs_diff']:.2e}, "
+                                                f"ORT {onnx['onnxruntime_ms']:.1f} ms vs torch {onnx['torch_ms']:.1f} ms "
+                                                f"at batch {LATENCY_BATCH})" if onnx.get("ok") else ""))
     append_extra_sections(paths, {k: v.comparison for k, v in pruned_eval.items() if k != "lee"}, notes)
     log("report written")
     return {"report": paths, "summary": rows, "model_dir": str(model_dir), "chosen": chosen,
