@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .graph.trace import trace
+from .graph.tracer import trace
 
 
 def count_params(model: nn.Module) -> int:
