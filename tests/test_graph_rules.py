@@ -355,3 +355,26 @@ def test_dtype_device_requires_grad_kept():
     assert all(p.dtype == torch.float64 for p in r.parameters())
     assert not r.stem[0].weight.requires_grad and r.a[0].weight.requires_grad
     assert isinstance(r.a[0], nn.Conv2d) and not r.a[0]._forward_hooks and not r.a[0]._forward_pre_hooks
+
+
+def test_multihead_attention_heads_pruned_and_reloaded(tmp_path):
+    m, x = WithMHA().eval(), torch.randn(2, 5, 8)
+    from prunekit.nn import MultiheadAttention
+    # the conversion alone computes the same function
+    conv = MultiheadAttention.from_torch(m.mha)
+    for kw in ({"need_weights": False}, {"need_weights": True},
+               {"need_weights": False, "key_padding_mask": torch.tensor([[False] * 4 + [True]] * 2)}):
+        a, wa = m.mha(x.new_ones(2, 5, 16) * x.sum(-1, keepdim=True), x.new_ones(2, 5, 16), x.new_ones(2, 5, 16), **kw)
+        h = m.inp(x)
+        a, wa = m.mha(h, h, h, **kw)
+        b, wb = conv(h, h, h, **kw)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if kw.get("need_weights"):
+            torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    att = r.model.mha
+    assert isinstance(att, MultiheadAttention) and att.num_heads == 1 and att.q_proj.out_features == 8
+    assert r.plan["convert_mha"] == ["mha"] and isinstance(m.mha, nn.MultiheadAttention)   # original untouched
+    pk.save(r, tmp_path)
+    again = pk.load(tmp_path, model=WithMHA().eval())
+    assert torch.equal(again(x), r.model(x))

@@ -150,6 +150,9 @@ def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     if plan.get("format", "").startswith("prunekit.layers"):
         from .layers import replay_layers
         return replay_layers(model, plan)
+    if plan.get("convert_mha"):
+        from .nn import convert_mha
+        convert_mha(model, plan["convert_mha"])
     kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
     try:
         apply_kept(model, kept, [tuple(a) for a in plan.get("attrs", [])])

@@ -19,6 +19,7 @@ from .api import PruneResult
 from .config import Config, ConfigError, register_config, register_handler
 from .graph.groups import DependencyGraph, Group
 from .graph.tracer import GraphError
+from .nn import MultiheadAttention, convert_mha
 from .surgery import apply_kept, is_known_module
 
 
@@ -65,6 +66,8 @@ class Structured(Config):
     target:       a resource goal instead of a ratio: pk.MACs(ratio=...) or pk.Params(ratio=...).
     prune_hidden: also prune the residual stream (hidden size) of Hugging Face transformers. Default: False for
                   transformers (heads and FFN neurons only), True for every other model.
+    convert_mha:  replace `nn.MultiheadAttention` by `prunekit.nn.MultiheadAttention` (same function, separate
+                  q/k/v projections) so its heads can be pruned; recorded in the plan and repeated by pk.load.
     """
     ratio: Union[float, Dict[str, float]] = 0.5
     importance: Union[str, Callable] = "l2"
@@ -75,6 +78,7 @@ class Structured(Config):
     target: Optional[Config] = None
     seed: int = 0
     prune_hidden: Optional[bool] = None
+    convert_mha: bool = True
 
     def __post_init__(self):
         if isinstance(self.ratio, dict):
@@ -389,6 +393,14 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
                          "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
     t0 = time.perf_counter()
     info: Dict[str, Any] = {}
+    original = model
+    converted: List[str] = []
+    cuts_something = cfg.target is not None or (any(v > 0 for v in cfg.ratio.values()) if isinstance(cfg.ratio, dict)
+                                                 else cfg.ratio > 0)
+    if cfg.convert_mha and graph is None and cuts_something and any(
+            MultiheadAttention.convertible(m) for m in model.modules()):
+        model = model if inplace else copy.deepcopy(model)
+        converted = convert_mha(model)
 
     hf_model = hf.is_hf(model)
     prune_hidden = (not hf_model) if cfg.prune_hidden is None else cfg.prune_hidden
@@ -410,7 +422,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
     graph, removed, pruned, kept, attrs = cut.graph, cut.removed, cut.pruned, cut.kept, cut.attrs
     ignore, auto_ignored, lat_info, t_graph = cut.ignore, cut.auto_ignored, info.get("lat"), info["t_graph"]
     t_alloc = t_graph
-    macs_before, params_before = graph.macs(), sum(p.numel() for p in model.parameters())
+    macs_before, params_before = graph.macs(), sum(p.numel() for p in original.parameters())
     macs_after = graph.macs(removed)
     base_config = model.config if hf_model else None
     if inplace:
@@ -424,6 +436,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         "config": _safe_dict(cfg),
         "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()},
         "attrs": attrs,
+        **({"convert_mha": converted} if converted else {}),
         **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf._shapes_match(pruned, pruned.config)}
            if hf_model else {}),
         "groups": [{"index": g.index, "units": g.n_units, "unit_size": g.unit_size,

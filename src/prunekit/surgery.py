@@ -76,12 +76,17 @@ KNOWN_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBas
 
 def is_known_module(m: nn.Module) -> bool:
     """Modules whose size attributes `_fix_module_attrs` derives from their weights."""
-    return isinstance(m, KNOWN_TYPES) or type(m).__name__ == "Conv1D"
+    from .nn import MultiheadAttention
+    return isinstance(m, KNOWN_TYPES + (MultiheadAttention,)) or type(m).__name__ == "Conv1D"
 
 
 def _fix_module_attrs(model: nn.Module, conv_old):
+    from .nn import MultiheadAttention
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, MultiheadAttention):
+            m.num_heads = m.q_proj.weight.shape[0] // m.head_dim
+            m.embed_dim = m.out_proj.weight.shape[0]
+        elif isinstance(m, nn.modules.conv._ConvNd):
             w = m.weight
             old_in, old_out, old_g = conv_old[name]
             transposed = m.transposed
