@@ -145,3 +145,28 @@ def test_sparse_save_load_roundtrip(tmp_path):
     again = pk.load(tmp_path, model=fresh)
     assert torch.equal(again(**x).logits, r.model(**x).logits)
     assert float((again.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.5
+
+
+def test_fluctuation_scores_and_bias_compensation(tmp_path):
+    from prunekit.importance import fluctuation_values
+    # hand case: channel variance times squared column norm
+    var = torch.tensor([1.0, 0.0, 4.0])
+    w = torch.tensor([[1.0, 3.0, 1.0], [1.0, 4.0, 0.0]])
+    assert torch.equal(fluctuation_values(var, w), torch.tensor([2.0, 0.0, 4.0]))
+    m, x = build("llama_gqa")
+    data = [{"input_ids": torch.randint(0, 100, (2, 16))} for _ in range(2)]
+    no_comp = pk.prune(m, pk.Structured(ratio=0.25, importance=pk.Fluctuation(data=data, bias_compensation=False)),
+                       example_inputs=x)
+    comp = pk.prune(m, pk.Structured(ratio=0.25, importance=pk.Fluctuation(data=data)), example_inputs=x)
+    assert comp.plan["kept"] == no_comp.plan["kept"]
+    down = comp.model.model.layers[0].mlp.down_proj
+    assert down.bias is not None and "model.layers.0.mlp.down_proj" in comp.plan["add_bias"]
+    # compensation brings the pruned model closer to the dense one on the calibration data
+    ref = m(**data[0]).logits
+    err = lambda r: float((r.model(**data[0]).logits - ref).pow(2).mean().detach())
+    assert err(comp) < err(no_comp)
+    pk.save(comp, tmp_path)
+    assert not comp.plan["hf_config_exact"]
+    fresh, _ = build("llama_gqa")
+    assert torch.equal(pk.load(tmp_path, model=fresh)(**x).logits, comp.model(**x).logits)
+    assert torch.equal(pk.load(tmp_path)(**x).logits, comp.model(**x).logits)

@@ -5,7 +5,7 @@ from .graph import DependencyGraph, GraphError, Group
 from .structured import MACs, Params, Structured
 from .layers import Layers
 from .sparse import Sparse
-from .importance import Activation, BNScale, Magnitude, Random, Taylor
+from .importance import Activation, BNScale, Fluctuation, Magnitude, Random, Taylor
 from .latency import Latency
 from .schedule import Evaluate, Gradual, Iterative, OneShot, run_schedule
 from .pipeline import Recipe, load_recipe, run_pipeline

@@ -500,6 +500,125 @@ class Activation(Importance):
         return combine(group, vals, self.agg, self.norm)
 
 
+def fluctuation_values(var: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """FLAP (An et al. 2024): a consumer's input channel j matters by how much it *varies*, weighted by the
+    squared norm of the weight column that reads it: Var(X_j) * ||W[:, j]||^2. A channel that is nearly
+    constant can be replaced by its mean, which bias compensation folds into the consumer's bias."""
+    return var.float() * weight.detach().float().pow(2).sum(0)
+
+
+def collect_input_moments(model: nn.Module, batches: list, modules: Iterable[str], quiet: bool = True
+                          ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (mean, variance)} of every input channel (last dim) of the named Linear modules."""
+    from .recover.loop import call_model, split_batch
+    acc: Dict[str, list] = {}
+    hooks = []
+
+    def hook_for(name):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()       # (tokens, in_features)
+            s = acc.setdefault(name, [0, torch.zeros(x.shape[1], dtype=torch.float64),
+                                      torch.zeros(x.shape[1], dtype=torch.float64)])
+            s[0] += x.shape[0]
+            s[1] += x.sum(0)
+            s[2] += x.pow(2).sum(0)
+        return hook
+
+    mods = dict(model.named_modules())
+    for name in dict.fromkeys(modules):
+        if isinstance(mods.get(name), nn.Linear):
+            hooks.append(mods[name].register_forward_pre_hook(hook_for(name)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in _bar(batches, "fluctuation calibration", quiet):
+                call_model(model, split_batch(b)[0])
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    out = {}
+    for k, (n, s1, s2) in acc.items():
+        mean = s1 / max(n, 1)
+        out[k] = (mean.float(), (s2 / max(n, 1) - mean.pow(2)).clamp_min(0).float())
+    return out
+
+
+@register_config
+@dataclasses.dataclass
+class Fluctuation(Importance):
+    """FLAP-style structured importance for transformers (heads, FFN neurons): the fluctuation of each channel
+    at the input of the Linear layers that consume it (o_proj / down_proj / fc2), Var(X_j) * ||W[:, j]||^2.
+
+    With `bias_compensation` (default) the pruned channels' mean contribution W[:, j] * E[X_j] is added to
+    the consumer's bias after the cut (a bias is created where the layer had none; `pk.load` recreates it).
+    Groups without a Linear consumer fall back to L2 magnitude."""
+    batches: int = 8
+    agg: str = "sum"
+    norm: Optional[str] = "mean"
+    bias_compensation: bool = True
+    data: Any = None
+    quiet: bool = True
+    _runtime = ("data",)
+
+    def __post_init__(self):
+        check_type("Fluctuation", "batches", self.batches, int, "a positive int")
+        _check_common("Fluctuation", self.agg, self.norm)
+        self._moments: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None
+        self._graph_id: Optional[int] = None
+
+    @staticmethod
+    def _consumers(graph, group):
+        return [m for m in group.members if graph.is_consumer(m) and m.name.endswith(".weight")]
+
+    def prepare(self, model, graph):
+        if self._moments is not None and self._graph_id == id(graph):
+            return
+        self._graph_id = id(graph)
+        mods = [m.name.rpartition(".")[0] for g in graph.groups for m in self._consumers(graph, g)]
+        self._moments = collect_input_moments(model, _calibration_batches(self.data, self.batches), mods,
+                                              self.quiet)
+        self._graph = graph
+
+    def __call__(self, group, tensors):
+        if self._moments is None:
+            raise RuntimeError("Fluctuation importance has no statistics yet: call .prepare(model, graph) first")
+        vals = {}
+        for m in self._consumers(self._graph, group):
+            mom = self._moments.get(m.name.rpartition(".")[0])
+            if mom is not None:
+                vals[(m.name, m.dim)] = fluctuation_values(mom[1], tensors[m.name])
+        if not vals:
+            return combine(group, magnitude_channel_values(group, tensors, 2), self.agg, self.norm)
+        return combine(group, vals, self.agg, self.norm)
+
+    def compensate(self, original: nn.Module, pruned: nn.Module, kept: Dict[str, Dict[int, List[int]]]) -> List[str]:
+        """Fold the removed input channels' mean contribution into the consumers' biases; returns the modules
+        that got a new bias parameter."""
+        if not self.bias_compensation or not self._moments:
+            return []
+        added = []
+        for mod_name, (mean, _) in self._moments.items():
+            dims = kept.get(f"{mod_name}.weight")
+            if not dims or 1 not in dims:
+                continue
+            w_old = original.get_submodule(mod_name).weight.detach()
+            gone = torch.ones(w_old.shape[1], dtype=torch.bool)
+            gone[torch.as_tensor(dims[1], dtype=torch.long)] = False
+            delta = w_old[:, gone].float() @ mean[gone]                       # (out_features,)
+            if 0 in dims:
+                delta = delta[torch.as_tensor(dims[0], dtype=torch.long)]
+            lin = pruned.get_submodule(mod_name)
+            with torch.no_grad():
+                if lin.bias is None:
+                    lin.bias = nn.Parameter(torch.zeros(lin.weight.shape[0], dtype=lin.weight.dtype,
+                                                        device=lin.weight.device))
+                    added.append(mod_name)
+                lin.bias.add_(delta.to(lin.bias.dtype))
+        return added
+
+
 def resolve(importance) -> Any:
     """A `Structured.importance` value as used by prunekit: strings stay strings, dicts become configs."""
     if isinstance(importance, dict):

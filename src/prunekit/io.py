@@ -156,6 +156,9 @@ def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
     try:
         apply_kept(model, kept, [tuple(a) for a in plan.get("attrs", [])])
+        for name in plan.get("add_bias", []):       # biases created by bias compensation; values come from the file
+            lin = model.get_submodule(name)
+            lin.bias = nn.Parameter(torch.zeros(lin.weight.shape[0], dtype=lin.weight.dtype))
         from . import hf
         if hf.is_hf(model):
             hf.after_surgery(model, model.config)

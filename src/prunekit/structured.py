@@ -424,11 +424,18 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
     t_alloc = t_graph
     macs_before, params_before = graph.macs(), sum(p.numel() for p in original.parameters())
     macs_after = graph.macs(removed)
+    added_bias: List[str] = []
+    if hasattr(cfg.importance, "compensate"):       # FLAP-style bias compensation for the removed channels
+        added_bias = cfg.importance.compensate(model, pruned, kept)
     base_config = model.config if hf_model else None
     if inplace:
         apply_kept(model, kept, attrs)
         if hf_model:
             hf.after_surgery(model, base_config)
+        for name in added_bias:
+            lin = model.get_submodule(name)
+            lin.bias = nn.Parameter(torch.zeros_like(pruned.get_submodule(name).bias))
+        model.load_state_dict(pruned.state_dict())   # the validated copy may carry compensated biases
         pruned = model
     t_surgery = time.perf_counter() - t0
     plan = {
@@ -437,7 +444,8 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()},
         "attrs": attrs,
         **({"convert_mha": converted} if converted else {}),
-        **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf._shapes_match(pruned, pruned.config)}
+        **({"add_bias": added_bias} if added_bias else {}),
+        **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf._shapes_match(pruned, pruned.config) and not added_bias}
            if hf_model else {}),
         "groups": [{"index": g.index, "units": g.n_units, "unit_size": g.unit_size,
                     "kept": int(g.n_units - int(removed[g.index].sum())) if g.index in removed else g.n_units,
