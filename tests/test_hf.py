@@ -170,3 +170,26 @@ def test_fluctuation_scores_and_bias_compensation(tmp_path):
     fresh, _ = build("llama_gqa")
     assert torch.equal(pk.load(tmp_path, model=fresh)(**x).logits, comp.model(**x).logits)
     assert torch.equal(pk.load(tmp_path)(**x).logits, comp.model(**x).logits)
+
+
+def test_gqa_query_heads_evenly_within_groups(tmp_path):
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2)).eval()
+    x = IDS()
+    r = pk.prune(m, pk.Structured(ratio=0.5, gqa="query_heads"), example_inputs=x)
+    from prunekit import hf
+    sizes = hf.layer_sizes(r.model, m.config)
+    assert sizes["heads"] == [4, 4] and sizes["kv_heads"] == [2, 2]       # KV heads kept, 2 of 4 per group
+    for layer in r.model.model.layers:
+        assert layer.self_attn.num_key_value_groups == 2
+    # the same local query heads went in every group: kept q rows of group 0 and group 1 line up
+    kept = r.plan["kept"]["model.layers.0.self_attn.q_proj.weight"]["0"]
+    heads = sorted({i // 8 for i in kept})
+    assert [h % 4 for h in heads[:2]] == [h % 4 for h in heads[2:]]
+    pk.save(r, tmp_path)
+    assert r.plan["hf_config_exact"]
+    again = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert torch.equal(again(**x).logits, r.model(**x).logits)
+    with pytest.raises(pk.ConfigError, match="gqa"):
+        pk.Structured(gqa="heads")

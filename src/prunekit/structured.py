@@ -66,6 +66,8 @@ class Structured(Config):
     target:       a resource goal instead of a ratio: pk.MACs(ratio=...) or pk.Params(ratio=...).
     prune_hidden: also prune the residual stream (hidden size) of Hugging Face transformers. Default: False for
                   transformers (heads and FFN neurons only), True for every other model.
+    gqa:          grouped-query attention: "groups" removes a KV head with all its query heads; "query_heads"
+                  keeps the KV heads and removes the same number of query heads from every group.
     convert_mha:  replace `nn.MultiheadAttention` by `prunekit.nn.MultiheadAttention` (same function, separate
                   q/k/v projections) so its heads can be pruned; recorded in the plan and repeated by pk.load.
     """
@@ -79,6 +81,7 @@ class Structured(Config):
     seed: int = 0
     prune_hidden: Optional[bool] = None
     convert_mha: bool = True
+    gqa: str = "groups"
 
     def __post_init__(self):
         if isinstance(self.ratio, dict):
@@ -95,6 +98,8 @@ class Structured(Config):
             raise ConfigError(f"Structured.round_to must be an int >= 1, got {self.round_to!r}")
         if not (0.0 < float(self.max_ratio_per_layer) <= 1.0):
             raise ConfigError(f"Structured.max_ratio_per_layer must be in (0, 1], got {self.max_ratio_per_layer!r}")
+        if self.gqa not in ("groups", "query_heads"):
+            raise ConfigError(f"Structured.gqa must be 'groups' or 'query_heads', got {self.gqa!r}")
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
         self.ignore = list(self.ignore)
@@ -349,7 +354,8 @@ class Cut:
 
 
 def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGraph], Dict[int, torch.Tensor]],
-              ignore: Sequence[str] = (), graph: Optional[DependencyGraph] = None, attempts: int = 8) -> Cut:
+              ignore: Sequence[str] = (), graph: Optional[DependencyGraph] = None, attempts: int = 8,
+              gqa: str = "groups") -> Cut:
     """Trace, let `choose(graph)` pick units to remove, cut a copy, and check the copy runs.
 
     When the cut copy fails inside some module (its code derives one size from another, e.g.
@@ -362,7 +368,7 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
             was_training = model.training
             model.eval()
             try:
-                graph = DependencyGraph(model, example_inputs, ignore=ignore)
+                graph = DependencyGraph(model, example_inputs, ignore=ignore, gqa=gqa)
             finally:
                 model.train(was_training)
         removed = choose(graph)
@@ -418,7 +424,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
             return allocate_for_target(g, sc, cfg, skip=skip)
         return allocate(g, sc, cfg, skip=skip)
 
-    cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph)
+    cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph, gqa=cfg.gqa)
     graph, removed, pruned, kept, attrs = cut.graph, cut.removed, cut.pruned, cut.kept, cut.attrs
     ignore, auto_ignored, lat_info, t_graph = cut.ignore, cut.auto_ignored, info.get("lat"), info["t_graph"]
     t_alloc = t_graph

@@ -75,9 +75,9 @@ def enforce_rectangular(tr: Trace):
 class DependencyGraph:
     """Groups of coupled parameter slices of `model`, found by running it on `example_inputs`."""
 
-    def __init__(self, model: nn.Module, example_inputs, ignore: Sequence[str] = ()):
+    def __init__(self, model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str = "groups"):
         self.model = model
-        self.trace: Trace = trace(model, example_inputs, ignore=ignore)
+        self.trace: Trace = trace(model, example_inputs, ignore=ignore, gqa=gqa)
         self.params = dict(model.named_parameters(remove_duplicate=True))
         self.buffers = dict(model.named_buffers(remove_duplicate=True))
         self._build()

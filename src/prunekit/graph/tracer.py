@@ -134,11 +134,15 @@ def _tensors(x) -> List[torch.Tensor]:
     return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
+GQA_MODES = ("groups", "query_heads")
+
+
 class Tracer(TorchFunctionMode):
     """Propagates labels op by op. Build with `trace(model, example_inputs)`."""
 
     def __init__(self, model: nn.Module, ignore: Sequence[str] = ()):
         super().__init__()
+        self.gqa = "groups"
         self.space = IdSpace()
         self.labels: Dict[int, List[torch.Tensor]] = {}
         self.keep: List[Any] = []       # keep traced tensors alive so ids of objects stay unique
@@ -852,7 +856,21 @@ def rule_sdpa(tr: Tracer, args, kwargs, out):
     gqa = bool(kwargs.get("enable_gqa", False))
     hq = q.shape[-3] if q.dim() >= 3 else 1
     hk = k.shape[-3] if k.dim() >= 3 else 1
-    if gqa and hq != hk and hk > 0:
+    if gqa and hq != hk and hk > 0 and tr.gqa == "query_heads":
+        rep = hq // hk
+        # kv heads stay; query head j of every group goes together, so each group keeps the same count
+        for t in (k, v):
+            tr.pin_tensor(t)
+        rq = tr.rep(q, [q.dim() - 3])
+        blocks = []
+        if rq is not None:
+            g = rq.reshape(hk, rep)
+            tr.space.union(g[:1].expand_as(g), g)
+            shape = [1] * out.dim()
+            shape[-3] = hq
+            blocks.append(rq.reshape(shape))      # o_proj columns of head i go with query head i
+        tr.set(out, blocks)
+    elif gqa and hq != hk and hk > 0:
         rep = hq // hk
         # query head i uses kv head i // rep: tie each query head group to its kv head
         for t in (k, v):
@@ -999,9 +1017,15 @@ RULES: Dict[str, Callable] = {
 }
 
 
-def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = ()) -> Trace:
-    """Run `model(example_inputs)` once and return the id graph of coupled parameter slices."""
+def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str = "groups") -> Trace:
+    """Run `model(example_inputs)` once and return the id graph of coupled parameter slices.
+
+    gqa: "groups" (a KV head goes with all the query heads that read it) or "query_heads" (KV heads stay;
+    query heads go, the same number from every KV group)."""
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
     tr = Tracer(model, ignore)
+    tr.gqa = gqa
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
