@@ -104,3 +104,40 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 def _init_weight():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 24))[1].weight.detach()
+
+
+FSDP_SETUP = SETUP.replace("checkpoint_dir=ckpt, return_result=True)",
+                           "checkpoint_dir=ckpt, return_result=True, strategy=os.environ.get('STRATEGY', 'ddp'))")
+
+
+def test_fsdp_two_processes_match_one_process(tmp_path):
+    """FSDP2 (fully_shard) on 2 gloo processes: sharded parameters, same trajectory as 1 process."""
+    from safetensors.torch import load_file
+    (tmp_path / "ddp_setup.py").write_text(FSDP_SETUP)
+    (tmp_path / "worker.py").write_text("import sys; from ddp_setup import run; run(sys.argv[1])\n")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "STRATEGY": "fsdp"}
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+    ref = subprocess.run([sys.executable, "-c", f"from ddp_setup import run; run({str(one)!r})"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "worker.py"), str(two)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    seen = [json.loads((two / f"seen-{r}.json").read_text()) for r in (0, 1)]
+    assert set(seen[0]["seen"]) == {7} and set(seen[1]["seen"]) == {6}
+    w1, w2 = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert not torch.equal(w1["1.weight"], _init_weight())
+
+
+def test_fsdp_option_checked():
+    from prunekit.config import ConfigError
+    from prunekit.recover import Recover
+    with pytest.raises(ConfigError, match="strategy"):
+        Recover(strategy="zero3")

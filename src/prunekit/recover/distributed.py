@@ -87,3 +87,20 @@ def all_reduce_sum(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item())
+
+
+def shard_fsdp(module: nn.Module, device: torch.device) -> None:
+    """FSDP2: shard every leaf module that owns parameters, then the root, over all ranks (in place)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for m in list(module.modules()):
+        if m is not module and any(True for _ in m.parameters(recurse=False)):
+            fully_shard(m, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """Gather a (possibly FSDP-sharded) module's state into plain tensors on every rank."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in module.state_dict().items()}

@@ -2,6 +2,8 @@
 checkpoints and a non-finite-loss guard."""
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import math
 import sys
@@ -237,11 +239,20 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
         if pairs:
             _build_projections(student, teacher, t_tap, to_device(split_batch(batches[0])[0], device))
         student.to(device)
+        fsdp = distributed and cfg.strategy == "fsdp"
+        if fsdp:
+            if checkpoint_dir is not None or cfg.lora:
+                raise ConfigError("Recover(strategy='fsdp') supports neither checkpoint_dir nor lora yet; use "
+                                  "strategy='ddp' for those")
+            unsharded = copy.deepcopy(student.model)      # receives the gathered weights at the end
+            D.shard_fsdp(student, device)
         optimizer = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr)
         run = Run(checkpoint_dir) if checkpoint_dir is not None else None
         loop = _Loop(cfg, student, teacher, t_tap, optimizer, batches, device, mode, run, callback, quiet,
                      task_loss_fn, distributed, rank, world, data_spec)
         result = loop.run()
+        if fsdp:
+            unsharded.load_state_dict(D.full_state_dict(student.model))
     finally:
         for tap in (s_tap, t_tap):
             if tap is not None:
@@ -251,6 +262,8 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
     if cfg.lora:
         model = model.merge_and_unload()
         result.model = model
+    elif fsdp:
+        result.model = unsharded          # fully_shard turned `model` into a sharded module: return a plain copy
     else:
         result.model = base_model
     result.model.train(was_training)
@@ -332,7 +345,7 @@ class _Loop:
     def run(self) -> RecoverResult:
         self._restore()
         net = self.student
-        if self.distributed:
+        if self.distributed and self.cfg.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
             net = DDP(self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.student.train()
@@ -414,6 +427,8 @@ class _Loop:
         (loss * scale).backward()
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+        if hasattr(grad_norm, "full_tensor"):              # FSDP: the norm is a DTensor
+            grad_norm = grad_norm.full_tensor()
         local_bad = not (torch.isfinite(loss).item() and torch.isfinite(grad_norm).item())
         bad = D.all_reduce_max(float(local_bad), self.device) > 0
         global_loss = D.all_reduce_sum(loss.item() * scale, self.device) / self.world

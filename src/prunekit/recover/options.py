@@ -27,6 +27,8 @@ class Recover(Config):
                    adapters instead of all weights, merged back into the model at the end.
     checkpoint_every: optimizer steps between checkpoints when `checkpoint_dir` is given (None: each epoch).
     on_nonfinite:  "raise" RecoveryDiverged or "stop" with a warning, after restoring the last good weights.
+    strategy:      under torchrun: "ddp" (replicate the model) or "fsdp" (shard parameters, gradients and optimizer
+                   state with torch's FSDP2 `fully_shard`, for models that do not fit one device).
     """
     epochs: int = 1
     lr: float = 1e-4
@@ -44,6 +46,7 @@ class Recover(Config):
     seed: int = 0
     checkpoint_every: Optional[int] = None
     on_nonfinite: str = "raise"
+    strategy: str = "ddp"
 
     def __post_init__(self):
         o = "Recover"
@@ -61,6 +64,7 @@ class Recover(Config):
                               f"got {self.warmup}")
         _one_of(o, "loss", self.loss, LOSSES)
         _one_of(o, "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        _one_of(o, "strategy", self.strategy, ("ddp", "fsdp"))
         for name in ("max_steps", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None:
