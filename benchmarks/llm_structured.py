@@ -2,10 +2,11 @@
 
 Before any recovery: Austen perplexity (non-overlapping 512-token windows; calibration windows come first in
 the text, evaluation windows after them) of dense vs
-  * width (heads as whole KV groups + FFN neurons) at 20% and 35% with magnitude (L2), Taylor and
-    activation-magnitude (Minitron-style) scores,
+  * width (heads as whole KV groups + FFN neurons) at 20% and 35% with magnitude (L2), Taylor,
+    activation-magnitude (Minitron-style) and FLAP fluctuation (with bias compensation) scores,
   * depth (drop 4 and 8 blocks) by block influence and angular distance,
-and measured prefill latency (1 thread, interleaved, median) dense vs a 25% width cut.
+and measured prefill latency (1 thread, interleaved, median) dense vs 25% width cuts (heads + FFN; query heads
+within KV groups + FFN; hidden size + heads + FFN).
 
     python benchmarks/llm_structured.py --calib 8 --windows 8 --out benchmarks/results/llm_structured.json
 """
@@ -33,7 +34,8 @@ def width(model, calib, ratio, importance):
     imp = {"magnitude": "l2",
            "taylor": I.Taylor(data=[{"input_ids": c, "labels": c} for c in calib], batches=len(calib)),
            "activation": I.Activation(kind="mean", data=[{"input_ids": c} for c in calib],
-                                                  batches=len(calib))}[importance]
+                                                  batches=len(calib)),
+           "flap": I.Fluctuation(data=[{"input_ids": c} for c in calib], batches=len(calib))}[importance]
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,7 +63,7 @@ def main():
              "prune_s": 0.0}]
     print(rows[-1], flush=True)
     for ratio in (0.2, 0.35):
-        for imp in ("magnitude", "taylor", "activation"):
+        for imp in ("magnitude", "taylor", "activation", "flap"):
             m, dt = width(model, calib, ratio, imp)
             rows.append({"method": f"width {int(ratio * 100)}% ({imp})", "params_M": pk.count_params(m) / 1e6,
                          "ppl": L.perplexity(m, evalw), "prune_s": dt})
@@ -74,21 +76,35 @@ def main():
                          "ppl": L.perplexity(m, evalw), "prune_s": dt})
             print(rows[-1], flush=True)
             del m
-    m25, _ = width(model, calib, 0.25, "magnitude")
+    # prefill latency of 25% width cuts: heads+FFN (KV groups), query heads within groups, and with hidden dim
+    x = {"input_ids": calib[0][:, :128]}
+    taylor = I.Taylor(data=[{"input_ids": c, "labels": c} for c in calib], batches=len(calib))
+    variants = {"dense": model}
+    for name, cfg in [("heads+FFN 25%", pk.Structured(ratio=0.25, importance=taylor)),
+                      ("query heads+FFN 34%", pk.Structured(ratio=0.34, gqa="query_heads", importance=taylor)),
+                      ("hidden+heads+FFN 25%", pk.Structured(ratio=0.25, prune_hidden=True, importance=taylor))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = pk.prune(model, cfg, example_inputs=x)
+        variants[name] = r.model
+        rows.append({"method": f"width {name} (taylor)", "params_M": pk.count_params(r.model) / 1e6,
+                     "ppl": L.perplexity(r.model, evalw), "prune_s": r.stats["time_total_s"]})
+        print(rows[-1], flush=True)
     prompt = calib[0][:, :256]
-    lat = pk.measure_latency({"dense": model, "width 25%": m25}, {"input_ids": prompt}, batch_sizes=[1], threads=1,
-                             warmup=1, reps=5)
-    speed = lat.speedup("dense", "width 25%", 1)
+    lat = pk.measure_latency(variants, {"input_ids": prompt}, batch_sizes=[1], threads=1, warmup=1, reps=5)
+    speed = {n: lat.speedup("dense", n, 1) for n in variants if n != "dense"}
     md = ["| method | params (M) | Austen ppl | prune s |", "|---|---:|---:|---:|"]
     md += [f"| {r['method']} | {r['params_M']:.1f} | {r['ppl']:.2f} | {r['prune_s']:.1f} |" for r in rows]
-    md.append(f"\nPrefill (256 tokens, batch 1, 1 thread): width 25% (magnitude) is {speed:.2f}x faster than dense "
-              f"({lat.get_row('dense', 1)['median_ms']:.0f} ms -> {lat.get_row('width 25%', 1)['median_ms']:.0f} ms).")
+    md.append("\nPrefill latency (256 tokens, batch 1, 1 thread, interleaved medians):\n\n| variant | ms | speedup |\n"
+              "|---|---:|---:|")
+    for n in variants:
+        md.append(f"| {n} | {lat.get_row(n, 1)['median_ms']:.0f} | {lat.speedup('dense', n, 1):.2f}x |")
     md.append(f"\n_{args.calib} calibration + {args.windows} evaluation windows of {L.WINDOW} tokens "
               f"(stride {L.WINDOW}, non-overlapping) from '{L.BOOK}' ({n_tokens} tokens); no recovery._")
     text = "\n".join(md)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "prefill_speedup_width25": speed,
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows, "prefill_speedup": speed,
                                           "latency": lat, "markdown": text}, indent=1, default=str))
 
 
