@@ -74,6 +74,33 @@ def tp_prune(model, x, macs_ratio):
     return best
 
 
+def _tp_probe(name, macs_ratio, mem_gb, q):
+    """Child process: can Torch-Pruning prune this model within `mem_gb`? (It recurses without bound on some
+    architectures, e.g. Swin, and can exhaust the machine's memory; the parent must survive that.)"""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (int(mem_gb * 2 ** 30),) * 2)
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        tp_prune(model, torch.randn(1, 3, 224, 224), macs_ratio)
+        q.put("ok")
+    except BaseException as e:  # MemoryError, RecursionError, or Torch-Pruning's own errors
+        q.put(f"failed: {type(e).__name__}: {str(e)[:120]}")
+
+
+def tp_feasible(name, macs_ratio, mem_gb=8.0, timeout=900):
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_tp_probe, args=(name, macs_ratio, mem_gb, q))
+    p.start()
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        return f"failed: no result within {timeout} s"
+    return q.get() if not q.empty() else f"failed: child exited with code {p.exitcode}"
+
+
 def bench_model(name, args):
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
@@ -83,7 +110,10 @@ def bench_model(name, args):
     pm, t_pk = prunekit_prune(model, x, args.macs_ratio, args.round_to)
     row.update(params_prunekit=pk.count_params(pm), macs_prunekit=pk.count_macs(pm, x), time_prunekit_s=t_pk)
     models["prunekit"] = pm
+    status = tp_feasible(name, args.macs_ratio)
     try:
+        if status != "ok":
+            raise RuntimeError(status)
         tm, t_tp, ratio = tp_prune(model, x, args.macs_ratio)
         tm.eval()
         tm(x)
@@ -112,7 +142,7 @@ def markdown(rows, batch_sizes):
     hdr += [f"speedup b{b} (pk / TP)" for b in batch_sizes]
     out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
-        tpx = f"{r['macs_dense'] / r['macs_tp']:.2f}x" if "macs_tp" in r else "fails"
+        tpx = f"{r['macs_dense'] / r['macs_tp']:.2f}x" if "macs_tp" in r else "fails (" + r["tp_status"][8:60] + ")"
         cells = [r["model"], f"{r['macs_dense'] / 1e9:.2f}", f"{r['macs_dense'] / r['macs_prunekit']:.2f}x", tpx,
                  f"{r['time_prunekit_s']:.2f} / " + (f"{r['time_tp_s']:.2f}" if "time_tp_s" in r else "-")]
         for b in batch_sizes:
@@ -139,6 +169,8 @@ def main():
         print(f"[structural] {name} ...", flush=True)
         rows.append(bench_model(name, args))
         print(markdown(rows[-1:], args.batch_sizes), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)     # keep what is done if a later model fails
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     md = markdown(rows, args.batch_sizes)
     print("\n" + md)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
