@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 
+from .runs import atomic_write_json, save_safetensors_atomic
 from .surgery import apply_kept
 
 PLAN = "plan.json"
@@ -30,25 +29,6 @@ META = "prunekit.json"
 
 class LoadError(RuntimeError):
     """A saved prunekit directory is missing files, corrupt, or does not fit the given model."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Union[str, Path], obj: Any):
-    _atomic_write_bytes(Path(path), json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -83,8 +63,7 @@ def state_dict_unique(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def save_weights(model: nn.Module, path: Union[str, Path], metadata: Optional[Dict[str, str]] = None):
-    from safetensors.torch import save
-    _atomic_write_bytes(Path(path), save(state_dict_unique(model), metadata=metadata))
+    save_safetensors_atomic(state_dict_unique(model), path, metadata=metadata)
 
 
 def _sha(path: Path) -> str:

@@ -744,15 +744,6 @@ def rule_batch_norm(tr: Tracer, args, kwargs, out):
     tr.set(out, list(tr.blocks(x)))
 
 
-def rule_instance_norm(tr: Tracer, args, kwargs, out):
-    x = args[0]
-    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
-        p = _arg(args, kwargs, i, name)
-        if isinstance(p, torch.Tensor):
-            tr.couple(p, [0], x, [1])
-    tr.set(out, list(tr.blocks(x)))
-
-
 def rule_layer_norm(tr: Tracer, args, kwargs, out):
     x = args[0]
     ns = _arg(args, kwargs, 1, "normalized_shape")
@@ -1007,7 +998,7 @@ RULES: Dict[str, Callable] = {
     "conv_transpose1d": lambda tr, a, k, o: rule_conv(tr, a, k, o, transpose=True),
     "conv_transpose2d": lambda tr, a, k, o: rule_conv(tr, a, k, o, transpose=True),
     "conv_transpose3d": lambda tr, a, k, o: rule_conv(tr, a, k, o, transpose=True),
-    "batch_norm": rule_batch_norm, "instance_norm": rule_instance_norm,
+    "batch_norm": rule_batch_norm, "instance_norm": rule_batch_norm,   # same per-channel parameters
     "layer_norm": rule_layer_norm, "rms_norm": rule_rms_norm, "group_norm": rule_group_norm,
     "embedding": rule_embedding, "prelu": rule_prelu,
     "matmul": rule_matmul, "__matmul__": rule_matmul, "bmm": rule_matmul, "mm": rule_matmul,
