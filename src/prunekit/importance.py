@@ -158,13 +158,11 @@ def inverse_sensitivity_ratios(sens: Sequence[float], sizes: Sequence[int], rati
 def default_loss(output: Any, targets: Any) -> torch.Tensor:
     """Cross-entropy on logits when targets are given, else the output's own `.loss` (Hugging Face models
     called with labels). Anything else needs an explicit `loss_fn`."""
-    from .recover.losses import logits_of
+    from .recover.losses import logits_of, model_loss
     if targets is not None:
         logits = logits_of(output)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
+    loss = model_loss(output)
     if loss is None:
         raise ValueError("Taylor/sensitivity: the calibration batches have no targets and the model output has "
                          "no .loss; pass loss_fn=lambda output, targets: ... or batches of (inputs, targets)")
@@ -251,11 +249,26 @@ def accumulate_taylor(model: nn.Module, batches: list, wanted: Iterable[Tuple[st
     return acc
 
 
+def _run_hooked(model: nn.Module, batches: list, hooks: list, desc: str, quiet: bool) -> None:
+    """Run the calibration batches in eval mode without gradients so `hooks` see them; always remove the
+    hooks and restore the training mode."""
+    from .recover.loop import call_model, split_batch
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in _bar(batches, desc, quiet):
+                call_model(model, split_batch(b)[0])
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+
+
 def collect_activations(model: nn.Module, batches: list, modules: Iterable[str], quiet: bool = True
                         ) -> Dict[str, Dict[str, torch.Tensor]]:
     """{module name: {"mean_abs": per-channel mean |output|, "apoz": per-channel fraction of outputs <= 0}}
     from forward hooks, in eval mode without gradients."""
-    from .recover.loop import call_model, split_batch
     sums: Dict[str, list] = {}
     hooks = []
 
@@ -276,16 +289,7 @@ def collect_activations(model: nn.Module, batches: list, modules: Iterable[str],
     for name in dict.fromkeys(modules):
         if name in mods:
             hooks.append(mods[name].register_forward_hook(hook_for(name)))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in _bar(batches, "activation calibration", quiet):
-                call_model(model, split_batch(b)[0])
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, batches, hooks, "activation calibration", quiet)
     return {k: {"mean_abs": a / n, "apoz": z / n} for k, (a, z, n) in sums.items()}
 
 
@@ -510,7 +514,6 @@ def fluctuation_values(var: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def collect_input_moments(model: nn.Module, batches: list, modules: Iterable[str], quiet: bool = True
                           ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """{module: (mean, variance)} of every input channel (last dim) of the named Linear modules."""
-    from .recover.loop import call_model, split_batch
     acc: Dict[str, list] = {}
     hooks = []
 
@@ -528,16 +531,7 @@ def collect_input_moments(model: nn.Module, batches: list, modules: Iterable[str
     for name in dict.fromkeys(modules):
         if isinstance(mods.get(name), nn.Linear):
             hooks.append(mods[name].register_forward_pre_hook(hook_for(name)))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in _bar(batches, "fluctuation calibration", quiet):
-                call_model(model, split_batch(b)[0])
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    _run_hooked(model, batches, hooks, "fluctuation calibration", quiet)
     out = {}
     for k, (n, s1, s2) in acc.items():
         mean = s1 / max(n, 1)

@@ -105,7 +105,9 @@ def make_batch(inputs, batch_size: int):
                     f"got {type(inputs).__name__}")
 
 
-def _call(model, inputs):
+def call_with_inputs(model, inputs):
+    """Call a model the way its inputs ask: keyword arguments for a dict (HF tokenizer output), positional
+    for a tuple/list, else a single argument."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (list, tuple)):
@@ -201,7 +203,7 @@ def measure_latency(models: Dict[str, nn.Module], inputs, batch_sizes: Iterable[
             batch = make_batch(inputs, bs)
             for _ in range(warmup):
                 for name in names:
-                    _call(models[name], batch)
+                    call_with_inputs(models[name], batch)
             times = {name: [] for name in names}
             for rep in range(reps):
                 k = rep % len(names)
@@ -209,7 +211,7 @@ def measure_latency(models: Dict[str, nn.Module], inputs, batch_sizes: Iterable[
                     dev = _device_type(models[name])
                     _sync(dev)
                     t0 = time.perf_counter()
-                    _call(models[name], batch)
+                    call_with_inputs(models[name], batch)
                     _sync(dev)
                     times[name].append(time.perf_counter() - t0)
             for name in names:

@@ -28,7 +28,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -56,15 +56,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same directory + fsync + os.replace."""
+def _atomic_replace(path: PathLike, write: Callable[[str], None]) -> None:
+    """Let `write(tmp_path)` fill a temp file in the target's directory, fsync it, then os.replace it over
+    `path` (readers never see a torn file); the temp file is removed if anything fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -72,6 +73,14 @@ def atomic_write_text(path: PathLike, text: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same directory + fsync + os.replace."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    _atomic_replace(path, write)
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
@@ -87,20 +96,7 @@ def save_safetensors_atomic(state: Dict[str, torch.Tensor], path: PathLike,
                             metadata: Optional[Dict[str, str]] = None) -> None:
     """Write tensors as safetensors via temp file + fsync + os.replace (readers never see a torn file)."""
     from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_plain_tensors(state), tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_replace(path, lambda tmp: save_file(_plain_tensors(state), tmp, metadata=metadata))
 
 
 # --------------------------------------------------------------------------------------------- state <-> files

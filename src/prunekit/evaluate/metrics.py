@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..measure import call_with_inputs
+
 
 class MetricError(ValueError):
     """Data or model output does not fit the metric. The message says what was expected."""
@@ -91,15 +93,6 @@ def split_batch(x, n: int) -> List[Any]:
     return [x] * n
 
 
-def _call(model, inputs):
-    """Call a model the way its inputs ask: keyword arguments for a dict (HF tokenizer output), else positional."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _logits(out):
     """Logits from a plain tensor, an HF ModelOutput, or a tuple whose first item is the logits."""
     if isinstance(out, torch.Tensor):
@@ -122,7 +115,7 @@ def _labels_of(batch):
 def _acc_per_example(model, batch):
     x, y = batch[0], _labels_of(batch)
     dev = _device_of(model)
-    logits = _logits(_call(model, to_device(x, dev)))
+    logits = _logits(call_with_inputs(model, to_device(x, dev)))
     if logits.dim() != 2:
         raise MetricError(f"accuracy expects logits of shape (batch, classes), got {tuple(logits.shape)}")
     correct = (logits.argmax(-1).cpu() == torch.as_tensor(y).cpu()).double()
@@ -201,7 +194,7 @@ class TokenWindows:
 def embed(model, inputs) -> torch.Tensor:
     """Sentence embeddings from a model: (batch, dim) outputs as they are; token outputs are mean-pooled over
     the attention mask (the sentence-transformers recipe for MiniLM-style encoders)."""
-    out = _call(model, inputs)
+    out = call_with_inputs(model, inputs)
     if isinstance(out, dict) and "sentence_embedding" in out:
         return out["sentence_embedding"]
     h = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)

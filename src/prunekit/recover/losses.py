@@ -48,13 +48,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature ** 2
 
 
+def model_loss(output: Any) -> Optional[torch.Tensor]:
+    """The loss a model computed itself (Hugging Face `.loss` / `["loss"]` when given `labels`), or None."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    return loss
+
+
 def task_loss(output: Any, targets: Any) -> torch.Tensor:
     """Cross-entropy of the logits against integer targets ([B] or [B, L] with -100 ignored); without
     targets, the `.loss` a Hugging Face model computed from `labels` in its inputs."""
     if targets is None:
-        loss = getattr(output, "loss", None)
-        if loss is None and isinstance(output, dict):
-            loss = output.get("loss")
+        loss = model_loss(output)
         if loss is None:
             raise ValueError("loss='task' or 'mixed' needs targets: give batches as (inputs, targets), or inputs "
                              "with 'labels' so the model returns .loss")
