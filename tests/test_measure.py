@@ -94,3 +94,23 @@ def test_prefill_and_decode_speed_on_tiny_lm(tiny_gpt2):
     assert pre["median_ms"] > 0 and pre["prompt_tokens"] == 16
     dec = decode_tokens_per_s(tiny_gpt2, ids, new_tokens=8, reps=2)
     assert dec["tokens_per_s"] > 0 and dec["new_tokens"] == 8 and len(dec["all_tokens_per_s"]) == 2
+
+
+def test_prefill_computes_only_the_last_logits_like_generate():
+    """prefill_latency times what generate() runs first: use_cache=True and, where the forward takes it,
+    logits_to_keep=1, whose logits equal the last position of a full forward."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from prunekit.measure import prefill_kwargs
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+    kw = prefill_kwargs(m)
+    assert kw == {"use_cache": True, "logits_to_keep": 1}
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        last = m(input_ids=ids, **kw).logits
+        full = m(input_ids=ids).logits
+    assert last.shape == (2, 1, 64)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    assert prefill_latency(m, ids, reps=2, warmup=1)["logits_to_keep"] == 1
+    assert prefill_kwargs(torch.nn.Linear(2, 2)) == {"use_cache": True}

@@ -138,3 +138,31 @@ def test_builtin_recipes_parse():
     for f in files:
         r = load_recipe(f)
         assert r.steps(), f
+
+
+def test_resume_restores_masks_of_the_last_good_model(tmp_path):
+    """A gate fails after a resume: the model rolled back to is the saved last_good/ (masks baked on disk),
+    with its masks re-installed, exactly as in the uninterrupted run (where it never left memory)."""
+    from torch.nn.utils import parametrize
+    recipe = {"seed": 2, "calibration_batches": 2, "stages": [
+        {"prune": {"type": "Sparse", "sparsity": 0.3, "method": "wanda"}},
+        {"evaluate": {"metric": "accuracy", "max_drop": 1.0}},             # always passes: last_good/ written
+        {"recover": {"epochs": 1, "lr": 0.01}},
+        {"prune": {"type": "Sparse", "sparsity": 0.99, "method": "magnitude"}},
+        {"evaluate": {"metric": "accuracy", "max_drop": 0.0}}]}             # fails: roll back
+    import copy
+    trained = pk.recover(Net(), data=batches(n=256), config=pk.Recover(epochs=8, lr=0.05, loss="task"), quiet=True)
+    full = run_pipeline(copy.deepcopy(trained), recipe, train=batches(), val=batches(seed=1), out=tmp_path / "a",
+                        quiet=True)
+    assert full.status == "gate_failed"
+    run_pipeline(copy.deepcopy(trained), recipe, train=batches(), val=batches(seed=1), out=tmp_path / "b", quiet=True,
+                 stop_after=3)
+    done = run_pipeline(copy.deepcopy(trained), recipe, train=batches(), val=batches(seed=1), out=tmp_path / "b",
+                        quiet=True, resume=True)
+    assert done.status == "gate_failed"
+    for m in (full.model, done.model):
+        assert parametrize.is_parametrized(m.c1, "weight") and parametrize.is_parametrized(m.fc, "weight")
+    assert torch.equal(full.model.c1.parametrizations.weight[0].mask, done.model.c1.parametrizations.weight[0].mask)
+    a, b = full.model.state_dict(), done.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert 0.2 < float((done.model.c1.weight == 0).float().mean()) < 0.35      # the 30% step (2 of 9 per row)

@@ -311,7 +311,7 @@ def test_bad_data_raises_before_weights_change(data, match):
 def test_targets_and_ignore_select_layers():
     res = pk.prune(tiny_llama(), Sparse(method="magnitude", targets=[r"layers\.1\."], ignore=[r"mlp"]))
     assert sorted(res.stats["sparsity"]) == sorted(f"model.layers.1.self_attn.{p}_proj" for p in "qkvo")
-    with pytest.raises(ConfigError, match="matches no linear layer"):
+    with pytest.raises(ConfigError, match="matches no linear or ungrouped conv layer"):
         pk.prune(tiny_llama(), Sparse(method="magnitude", targets=["nonexistent"]))
 
 
@@ -394,3 +394,111 @@ def test_layers_that_never_run_are_left_dense_and_reported():
     res = pk.prune(Net(), Sparse(method="wanda", pipeline="whole", sequential=False), data=calib())
     assert res.stats["skipped"] == ["unused"]
     assert res.stats["sparsity"] == {"used": 0.5, "unused": 0.0}
+
+
+# ------------------------------------------------------------------------------------------------ convolutions
+
+CONV_CASES = [  # (conv, input shape)
+    (lambda: nn.Conv2d(3, 8, 3, padding=1), (2, 3, 9, 9)),
+    (lambda: nn.Conv2d(3, 8, 3, stride=2, padding=1, dilation=1), (2, 3, 9, 9)),
+    (lambda: nn.Conv2d(4, 6, (3, 1), padding=(2, 0), dilation=(2, 1)), (2, 4, 7, 5)),
+    (lambda: nn.Conv2d(3, 5, 3, padding="same"), (2, 3, 6, 6)),
+    (lambda: nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"), (2, 3, 6, 6)),
+    (lambda: nn.Conv1d(4, 6, 5, stride=2, padding=2), (2, 4, 11)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_conv_input_rows_reproduce_the_convolution(case):
+    """rows @ weight_2d.T is the convolution: the statistics Wanda/SparseGPT use are those of its real GEMM."""
+    from prunekit.sparse.masks import layer_input_rows, weight_2d
+    torch.manual_seed(case)
+    make, shape = CONV_CASES[case]
+    conv = make().eval()
+    x = torch.randn(shape)
+    rows = layer_input_rows(conv, x)                                   # [B * positions, C * k]
+    y = conv(x)                                                        # [B, out, *spatial]
+    as_rows = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])    # [B * positions, out]
+    torch.testing.assert_close(rows @ weight_2d(conv).T + conv.bias, as_rows, rtol=1e-5, atol=1e-5)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(8, 16, 1, stride=2)          # reads c2's input: must not share its statistics
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h) + self.skip(h))
+        return self.fc(self.dw(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method,pattern", [("magnitude", "unstructured"), ("wanda", "unstructured"),
+                                            ("sparsegpt", "unstructured"), ("sparsegpt", "2:4"), ("wanda", "2:4")])
+def test_sparse_prunes_convolutions_exactly(method, pattern):
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    data = [torch.randn(4, 3, 12, 12) for _ in range(3)]
+    nm = pattern == "2:4"                                # c1's 3*3*3 = 27 inputs do not split into groups of 4
+    if nm:
+        with pytest.raises(ConfigError, match="c1 .in_features=27"):
+            pk.prune(model, Sparse(sparsity=0.5, method=method, pattern=pattern), data=data)
+    res = pk.prune(model, Sparse(sparsity=0.5, method=method, pattern=pattern, ignore=["^c1$"] if nm else ()),
+                   data=data)
+    m = res.model
+    assert sorted(res.plan["layers"]) == ["c1", "c2", "fc", "skip"][nm:]       # depthwise conv is not a target
+    for name in ("c1", "c2", "skip")[nm:]:
+        W = getattr(m, name).weight                                        # masked view, original 4-D layout
+        assert W.shape == getattr(model, name).weight.shape
+        W2 = W.reshape(W.shape[0], -1)
+        assert abs(float((W2 == 0).float().mean()) - 0.5) < 0.02               # c1 has 27 columns per row
+        if method == "wanda" or pattern == "2:4":                            # Wanda: per output row, exactly
+            assert bool(((W2 == 0).sum(1) == W2.shape[1] // 2).all())
+        if pattern == "2:4":
+            assert bool(((W2.reshape(W2.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+    assert not torch.nn.utils.parametrize.is_parametrized(m.dw)
+    torch.testing.assert_close(m.dw.weight, model.dw.weight)
+
+
+def test_data_aware_conv_pruning_beats_magnitude_on_layer_outputs():
+    """SparseGPT on a conv reconstructs its outputs on the calibration patches better than magnitude."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12, 3, padding=1).eval()
+    x = torch.randn(8, 6, 10, 10) * torch.linspace(0.1, 3.0, 6).view(1, 6, 1, 1)
+    model = nn.Sequential(conv)
+    errs = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        pruned = pk.prune(model, Sparse(sparsity=0.5, method=method), data=[x]).model
+        errs[method] = float((pruned(x) - model(x)).pow(2).mean())
+    assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"]
+
+
+def test_conv_model_calibrates_from_input_target_pairs_and_rejects_bad_batches():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    xs = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    pairs = [(x, torch.zeros(4, dtype=torch.long)) for x in xs]
+    a = pk.prune(model, Sparse(sparsity=0.5, method="sparsegpt"), data=pairs).model
+    b = pk.prune(model, Sparse(sparsity=0.5, method="sparsegpt"), data=xs).model
+    assert torch.equal(a.c2.weight, b.c2.weight)                   # targets are ignored, inputs used
+    with pytest.raises(CalibrationDataError, match="empty"):
+        pk.prune(model, Sparse(sparsity=0.5, method="wanda"), data=[torch.zeros(0)])
+
+
+def test_baking_a_copy_leaves_the_original_masked_and_working():
+    """torch shares the parametrized class between a module and its deepcopy; baking the copy must not strip
+    the original's `weight` (a saved checkpoint used to break the model still in memory)."""
+    import copy
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 12, 12)
+    pruned = pk.prune(model, Sparse(sparsity=0.5, method="magnitude")).model
+    before = pruned(x)
+    twin = copy.deepcopy(pruned)
+    assert bake(twin) == 4
+    assert torch.equal(twin(x), before)
+    assert torch.equal(pruned(x), before) and len(masks(pruned)) == 4

@@ -51,11 +51,16 @@ class _StopForward(Exception):
 
 # ------------------------------------------------------------------------------------------------ data
 
-def as_batches(data: Any, *, what: str = "data") -> List[Dict[str, Any]]:
+POSITIONAL = "__positional__"     # key of a batch whose inputs are passed positionally: model(*batch[POSITIONAL])
+
+
+def as_batches(data: Any, *, what: str = "data", model: Optional[nn.Module] = None) -> List[Dict[str, Any]]:
     """Check calibration data and return it as a list of forward-kwargs dicts.
 
-    Accepts an iterable (list, generator, DataLoader, ...) whose items are either an integer `input_ids`
-    tensor of shape (B, T) or a dict of forward keyword arguments (`{"input_ids": ..., "attention_mask": ...}`).
+    Accepts an iterable (list, generator, DataLoader, ...) whose items are an integer `input_ids` tensor of
+    shape (B, T), a dict of forward keyword arguments (`{"input_ids": ..., "attention_mask": ...}`), or -- for
+    a model whose forward does not start with `input_ids` (a CNN, any plain module) -- a float input tensor
+    passed positionally, or an `(inputs, targets)` pair whose targets are ignored.
     Raises CalibrationDataError naming the offending batch; the iterable is consumed once.
     """
     if data is None:
@@ -73,11 +78,29 @@ def as_batches(data: Any, *, what: str = "data") -> List[Dict[str, Any]]:
         raise CalibrationDataError(f"{what} must be an iterable of batches, got {type(data).__name__}") from None
     if not items:
         raise CalibrationDataError(f"{what} is empty: pass at least one calibration batch")
-    return [_as_kwargs(b, f"{what}[{i}]") for i, b in enumerate(items)]
+    positional = model is not None and not _takes_input_ids(model)
+    return [_as_kwargs(b, f"{what}[{i}]", positional) for i, b in enumerate(items)]
 
 
-def _as_kwargs(batch: Any, where: str) -> Dict[str, Any]:
+def _takes_input_ids(model: nn.Module) -> bool:
+    """Whether the forward's first parameter is `input_ids` (a language model) -- then a tensor batch must be
+    token ids. Otherwise tensors are positional inputs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return True
+    return bool(params) and params[0] == "input_ids"
+
+
+def _as_kwargs(batch: Any, where: str, positional: bool = False) -> Dict[str, Any]:
+    if positional and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        batch = batch[0]                                         # (inputs, targets): calibration needs inputs only
     if isinstance(batch, torch.Tensor):
+        if positional:
+            if batch.dim() == 0 or batch.numel() == 0:
+                raise CalibrationDataError(f"{where} is an empty or 0-d tensor {tuple(batch.shape)}; expected a "
+                                           f"batch of model inputs with the batch dimension first")
+            return {POSITIONAL: (batch,)}
         _check_ids(batch, where)
         return {"input_ids": batch}
     if isinstance(batch, dict):
@@ -251,6 +274,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def call_batch(model: nn.Module, batch: Dict[str, Any], device: torch.device):
+    """Run `model` on one batch from `as_batches` (keyword or positional inputs) moved to `device`."""
+    if POSITIONAL in batch:
+        return model(*_map_tensors(batch[POSITIONAL], lambda t: t.to(device)))
+    return model(**_forward_kwargs(model, batch, device))
+
+
 def _forward_kwargs(model: nn.Module, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     kw = _map_tensors(batch, lambda t: t.to(device))
     try:
@@ -293,7 +323,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[D
             for i, batch in enumerate(batches):
                 n = len(buf)
                 try:
-                    model(**_forward_kwargs(model, batch, device))
+                    call_batch(model, batch, device)
                 except _StopForward:
                     pass
                 if len(buf) != n + 1:
@@ -369,7 +399,7 @@ def run_whole(model: nn.Module, batches: Sequence[Dict[str, Any]], observe: Obse
         handles = observe(-1, "", model)
         try:
             for batch in batches:
-                model(**_forward_kwargs(model, batch, device))
+                call_batch(model, batch, device)
         finally:
             for h in handles or ():
                 h.remove()

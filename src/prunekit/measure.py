@@ -380,21 +380,40 @@ def _cache_of(out):
 
 def prefill_latency(model: nn.Module, input_ids: torch.Tensor, reps: int = 10, warmup: int = 2,
                     threads: int = 1) -> Dict[str, float]:
-    """Time to process a prompt and build the KV cache (one forward with use_cache=True); median/IQR in ms."""
+    """Time to process a prompt and build the KV cache (one forward with use_cache=True); median/IQR in ms.
+
+    Like `generate()`'s first step, only the last position's logits are computed (`logits_to_keep=1`) when
+    the model's forward accepts it: prefill needs one next-token distribution, not one per prompt token."""
     ids = input_ids.to(_lm_device(model))
+    kw = prefill_kwargs(model)
     times = []
     with pinned_threads(threads), torch.inference_mode():
         model.eval()
         for i in range(warmup + reps):
             _sync(ids.device.type)
             t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=True)
+            model(input_ids=ids, **kw)
             _sync(ids.device.type)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     st = _stats_ms(times)
-    st.update(prompt_tokens=int(ids.shape[-1]), batch_size=int(ids.shape[0]), threads=threads)
+    st.update(prompt_tokens=int(ids.shape[-1]), batch_size=int(ids.shape[0]), threads=threads,
+              logits_to_keep=kw.get("logits_to_keep"))
     return st
+
+
+def prefill_kwargs(model: nn.Module) -> Dict[str, Any]:
+    """Forward keyword arguments of a generation prefill: use_cache=True, plus logits_to_keep=1 where the
+    forward takes it (Hugging Face causal LMs since transformers 4.45; generate() passes the same)."""
+    import inspect
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    kw: Dict[str, Any] = {"use_cache": True}
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+    return kw
 
 
 def decode_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32, reps: int = 3,

@@ -242,7 +242,11 @@ def run_pipeline(model: nn.Module, recipe: Union[Recipe, str, Path, dict], *, tr
         start = st["next_step"]
         if (out / "last_good").is_dir():
             from .io import load
-            ex.last_good = (load(out / "last_good", model=copy.deepcopy(original)), st["last_good_plan"], [])
+            from .sparse.masks import remask_from_zeros
+            good_masked = list(st.get("last_good_masked") or [])
+            good = load(out / "last_good", model=copy.deepcopy(original))     # saved baked: masks come back
+            remask_from_zeros(good, good_masked)                                # from its zeros
+            ex.last_good = (good, st["last_good_plan"], good_masked)
         else:
             ex.last_good = (copy.deepcopy(original), None, [])
         run.log(f"resume at step {start}/{len(steps)}")
@@ -282,7 +286,8 @@ def run_pipeline(model: nn.Module, recipe: Union[Recipe, str, Path, dict], *, tr
                 _save_model(ex.model, ex.plan, out / "last_good")
             run.save_checkpoint(i + 1, ex.model.state_dict(), None,
                                 {"next_step": i + 1, "executor": ex.state(),
-                                 "last_good_plan": ex.last_good[1] if ex.last_good else None})
+                                 "last_good_plan": ex.last_good[1] if ex.last_good else None,
+                                 "last_good_masked": list(ex.last_good[2]) if ex.last_good else []})
             _record(rec, ex, original, recipe)
             bar.update(1)
     finally:

@@ -11,9 +11,12 @@ from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-__all__ = ["SparseMask", "is_linear_like", "weight_2d", "apply_mask", "bake", "masks", "sparsity_stats"]
+__all__ = ["SparseMask", "is_linear_like", "is_sparse_target", "weight_2d", "layer_input_rows", "apply_mask", "bake",
+           "remask_from_zeros",
+           "masks", "sparsity_stats"]
 
 
 class SparseMask(nn.Module):
@@ -38,14 +41,61 @@ def is_linear_like(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
+def is_dense_conv(module: nn.Module) -> bool:
+    """nn.Conv1d / nn.Conv2d without groups: a matrix product over unfolded input patches, so the linear-layer
+    algorithms apply to its weight viewed as (out_channels, in_channels * kernel elements)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and isinstance(module.weight, torch.Tensor)
+
+
+def is_sparse_target(module: nn.Module) -> bool:
+    """Layers `pk.Sparse` can prune: linear layers (nn.Linear, Conv1D) and ungrouped Conv1d/Conv2d."""
+    return is_linear_like(module) or is_dense_conv(module)
+
+
 def _transposed(module: nn.Module) -> bool:
-    return not isinstance(module, nn.Linear)            # Conv1D stores (in, out)
+    # transformers' Conv1D stores (in, out); after masking its class is "ParametrizedConv1D", so test by exclusion
+    return not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The effective weight (masked, if parametrized) as (out_features, in_features)."""
+    """The effective weight (masked, if parametrized) as (out_features, in_features); a convolution's kernel
+    as (out_channels, in_channels * kh * kw), columns in the order F.unfold lays out input patches."""
     W = module.weight
-    return W.t() if _transposed(module) else W
+    if _transposed(module):
+        return W.t()
+    return W.reshape(W.shape[0], -1) if W.dim() > 2 else W
+
+
+def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows a layer multiplies its 2-D weight with: (n, in_features) for linear layers (all leading dims
+    flattened), the unfolded patches (B * positions, in_channels * kh * kw) for a convolution (its padding,
+    stride and dilation applied exactly as in its forward)."""
+    if not is_dense_conv(module):
+        return x.reshape(-1, x.shape[-1])
+    conv1d = isinstance(module, nn.Conv1d)
+    if conv1d:                                              # [B, C, L] -> [B, C, 1, L]
+        x = x.unsqueeze(-2)
+    k = (1, *module.kernel_size) if conv1d else module.kernel_size
+    stride = (1, *module.stride) if conv1d else module.stride
+    dil = (1, *module.dilation) if conv1d else module.dilation
+    pad = module.padding
+    if isinstance(pad, str):                                # 'same' / 'valid': pad explicitly like Conv does
+        if pad == "valid":
+            pad = (0,) * len(module.kernel_size)
+        else:
+            total = [d * (kk - 1) for d, kk in zip(module.dilation, module.kernel_size)]
+            pads = []
+            for t in reversed(total):
+                pads += [t // 2, t - t // 2]
+            x = F.pad(x, pads if not conv1d else pads + [0, 0], mode="constant" if module.padding_mode == "zeros"
+                      else module.padding_mode)
+            pad = (0,) * len(module.kernel_size)
+    elif module.padding_mode != "zeros":
+        x = F.pad(x, list(module._reversed_padding_repeated_twice) + ([0, 0] if conv1d else []), mode=module.padding_mode)
+        pad = (0,) * len(module.kernel_size)
+    pad = (0, *pad) if conv1d else pad
+    cols = F.unfold(x, k, dilation=dil, padding=pad, stride=stride)      # [B, C*kh*kw, positions]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def _mask_of(module: nn.Module) -> Optional[SparseMask]:
@@ -67,6 +117,10 @@ def apply_mask(module: nn.Module, keep: torch.Tensor, new_weight: Optional[torch
     if _transposed(module):
         keep = keep.t()
         new_weight = None if new_weight is None else new_weight.t()
+    elif module.weight.dim() > 2:                          # conv kernel: back from (out, in * k) to its layout
+        shape = module.weight.shape
+        keep = keep.reshape(shape)
+        new_weight = None if new_weight is None else new_weight.reshape(shape)
     existing = _mask_of(module)
     if existing is not None:
         keep = keep.to(existing.mask.device) & existing.mask
@@ -81,6 +135,21 @@ def apply_mask(module: nn.Module, keep: torch.Tensor, new_weight: Optional[torch
         parametrize.register_parametrization(module, "weight", SparseMask(keep))
 
 
+@torch.no_grad()
+def remask_from_zeros(model: nn.Module, names: Iterable[str]) -> int:
+    """Re-install masks on the named layers of a model whose masks were baked (saved, then loaded): every
+    weight that is exactly zero becomes masked, so further training keeps it zero. Returns how many layers."""
+    modules = dict(model.named_modules())
+    n = 0
+    for name in names:
+        mod = modules.get(name)
+        if mod is None or _mask_of(mod) is not None:
+            continue
+        apply_mask(mod, weight_2d(mod) != 0)
+        n += 1
+    return n
+
+
 def bake(model: nn.Module) -> int:
     """Remove the sparsity parametrizations, leaving plain `weight` Parameters that contain the zeros.
 
@@ -89,6 +158,11 @@ def bake(model: nn.Module) -> int:
     n = 0
     for module in model.modules():
         if _mask_of(module) is not None:
+            # torch removes the `weight` property from the module's class, and a deepcopy of a parametrized
+            # module shares that class with the original: give this module its own class first, so baking
+            # a copy can never strip the property from the model it was copied from.
+            cls = module.__class__
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
             n += 1
     return n

@@ -25,7 +25,7 @@ from ..calibrate import as_batches, find_blocks, run_layerwise, run_whole
 from ..config import Config, ConfigError, check_type, register_config, register_handler
 from .algorithms import (InputStats, magnitude_mask, outlier_ratio, owl_block_sparsity, parse_pattern,
                          sparsegpt_prune, wanda_mask, wanda_scores)
-from .masks import apply_mask, bake, is_linear_like, sparsity_stats, weight_2d
+from .masks import apply_mask, bake, is_sparse_target, layer_input_rows, sparsity_stats, weight_2d
 
 log = logging.getLogger("prunekit.sparse")
 
@@ -38,14 +38,16 @@ _DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"embed")
 @register_config
 @dataclasses.dataclass
 class Sparse(Config):
-    """Zero a fraction of the weights of linear layers.
+    """Zero a fraction of the weights of linear and convolution layers.
 
     sparsity    fraction of zeros per layer, in [0, 1). For N:M patterns it must equal 1 - N/M.
     method      "magnitude" (|W|, no data), "wanda" (|W| * input norm, per output row) or "sparsegpt"
                 (OBS reconstruction of the kept weights from the input Hessian). Wanda/SparseGPT need `data=`.
     pattern     "unstructured" or "N:M" (keep N of every M consecutive input weights, e.g. "2:4").
-    targets     regexes (re.search on module names) selecting linear layers; default: every nn.Linear /
-                Conv1D except lm_head, embeddings and weights tied to the input embedding.
+    targets     regexes (re.search on module names) selecting layers; default: every nn.Linear, Conv1D and
+                ungrouped nn.Conv1d/Conv2d (kernels as (out, in*kh*kw) matrices, inputs unfolded into patches;
+                N:M groups run along that flattened input) except lm_head, embeddings and weights tied to
+                the input embedding. Grouped/depthwise convolutions are not targets.
     ignore      regexes of module names to leave dense.
     owl         outlier-weighted layerwise sparsity: blocks with more activation outliers get lower sparsity;
                 block sparsities span 2 * owl_lambda and average exactly `sparsity`. owl_m: outlier threshold
@@ -137,9 +139,9 @@ class Sparse(Config):
 # ------------------------------------------------------------------------------------------------ targets
 
 def select_targets(model: nn.Module, cfg: Sparse) -> List[str]:
-    """Names of the linear layers `cfg` prunes, in module order. Raises ConfigError if a `targets` regex
-    matches no linear layer or nothing is left to prune."""
-    linear = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m)]
+    """Names of the linear/conv layers `cfg` prunes, in module order. Raises ConfigError if a `targets` regex
+    matches no such layer or nothing is left to prune."""
+    linear = [(n, m) for n, m in model.named_modules() if n and is_sparse_target(m)]
     tied = set()
     get_emb = getattr(model, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None
@@ -152,12 +154,12 @@ def select_targets(model: nn.Module, cfg: Sparse) -> List[str]:
         for rx in cfg.targets:
             if not any(re.search(rx, n) for n, _ in linear):
                 sample = ", ".join(n for n, _ in linear[:4])
-                raise ConfigError(f"Sparse.targets: regex {rx!r} matches no linear layer of {type(model).__name__} "
-                                  f"(linear layers look like: {sample})")
+                raise ConfigError(f"Sparse.targets: regex {rx!r} matches no linear or ungrouped conv layer of "
+                                  f"{type(model).__name__} (they look like: {sample})")
         chosen = [n for n, _ in linear if any(re.search(rx, n) for rx in cfg.targets)]
     chosen = [n for n in chosen if not any(re.search(rx, n) for rx in cfg.ignore)]
     if not chosen:
-        raise ConfigError(f"Sparse: no linear layer of {type(model).__name__} is left to prune after targets="
+        raise ConfigError(f"Sparse: no linear/conv layer of {type(model).__name__} is left to prune after targets="
                           f"{cfg.targets!r} and ignore={list(cfg.ignore)!r}")
     return chosen
 
@@ -202,22 +204,31 @@ def _attach_stats(modules: Dict[str, nn.Module], names: List[str], hessian: bool
     for n in names:
         W = weight_2d(modules[n])
 
-        def hook(_m, args, kwargs, n=n, cols=W.shape[1], dev=W.device):
+        def hook(m, args, kwargs, n=n, cols=W.shape[1], dev=W.device):
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             if n in shared:
                 return
             st = into.get(n)
             if st is None:                              # first batch: decide whether to share
                 prev = last[0]() if last[0] is not None else None
-                if prev is x and last[1].columns == cols:
+                # convolutions never share: same input and width, yet another stride/padding -> other patches
+                if prev is x and last[1].columns == cols and not isinstance(m, nn.modules.conv._ConvNd):
                     into[n] = last[1]
                     shared.add(n)
                     return
                 st = into[n] = InputStats(cols, hessian=hessian, norms=norms, device=dev)
-            st.add_batch(x)
+            st.add_batch(layer_input_rows(m, x))
             last[0], last[1] = weakref.ref(x), st
         handles.append(modules[n].register_forward_pre_hook(hook, with_kwargs=True))
     return handles
+
+
+def _layout(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "out,in"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "out,in*kernel (convolution, F.unfold order)"
+    return "in,out (Conv1D)"
 
 
 def _group_targets(names: List[str], prefix: Optional[str], n_blocks: int) -> Tuple[Dict[int, List[str]], List[str]]:
@@ -252,7 +263,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     cfg = config
     names = select_targets(model, cfg)
     _check_nm_shapes(model, names, cfg.pattern)
-    batches = as_batches(data) if cfg.needs_data or data is not None else None
+    batches = as_batches(data, model=model) if cfg.needs_data or data is not None else None
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -262,9 +273,15 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     owl_info = None
     prefix, n_blocks = None, 0
 
-    if cfg.needs_data and cfg.pipeline == "layerwise":
-        prefix, layers = find_blocks(model)
-        n_blocks = len(layers)
+    pipeline = cfg.pipeline
+    if cfg.needs_data and pipeline == "layerwise":
+        try:
+            prefix, layers = find_blocks(model)
+            n_blocks = len(layers)
+        except ValueError:           # no stack of repeated blocks (a CNN, a small MLP): one whole-model pass
+            pipeline = "whole"
+            log.info("Sparse: %s has no stack of repeated blocks; calibrating it in one whole-model pass",
+                     type(model).__name__)
     elif cfg.owl:                                            # OWL groups layers by block in either pipeline
         try:
             prefix, layers = find_blocks(model)
@@ -274,7 +291,8 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     by_block, rest = _group_targets(names, prefix, n_blocks)
 
     if cfg.owl:
-        owl_info = _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device)
+        owl_info = _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device,
+                             pipeline if prefix is not None else "whole")
         for key, s in zip(owl_info["groups"], owl_info["sparsity"]):
             for n in (by_block[key] if isinstance(key, int) else [key]):
                 layer_sparsity[n] = s
@@ -297,7 +315,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
                     continue
                 _prune_layer(modules[n], cfg, layer_sparsity[n], st)
 
-        if cfg.pipeline == "layerwise":
+        if pipeline == "layerwise":
             run_layerwise(model, batches,
                           lambda i, _n, _m: observe(by_block.get(i, [])),
                           lambda i, _n, _m: update(by_block.get(i, [])),
@@ -318,12 +336,13 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
         "layers": {n: {"method": cfg.method, "sparsity": 0.0 if n in skipped else layer_sparsity[n],
                        "pattern": "dense (never ran on calibration data)" if n in skipped else cfg.pattern,
                        "shape": list(weight_2d(modules[n]).shape),
-                       "layout": "out,in" if isinstance(modules[n], nn.Linear) else "in,out (Conv1D)"}
+                       "layout": _layout(modules[n])}
                    for n in names},
         "owl": owl_info,
     }
     stats = {"sparsity": measured["layers"], "sparsity_total": measured["total"], "zeros": measured["zeros"],
-             "params_targeted": measured["params"], "seconds": seconds, "skipped": skipped}
+             "params_targeted": measured["params"], "seconds": seconds, "skipped": skipped,
+             "pipeline": pipeline if cfg.needs_data else None}
     if skipped:
         log.warning("Sparse: %d target layers never ran on the calibration data and were left dense: %s",
                     len(skipped), ", ".join(skipped[:5]))
@@ -332,7 +351,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     return PruneResult(model=model, plan=plan, config=cfg, stats=stats)
 
 
-def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device) -> dict:
+def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device, pipeline) -> dict:
     """Dense pre-pass: Wanda scores of every group -> outlier ratio -> per-group sparsity (mean = target).
 
     Groups are transformer blocks (the OWL paper's "layers"). With pipeline='whole' each target outside the
@@ -350,7 +369,7 @@ def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, off
                 ratios[key] = _owl_ratio(modules, group, live, cfg.owl_m)
         live.clear()
 
-    if cfg.pipeline == "layerwise":              # nothing changes in this pass, so dense outputs feed forward
+    if pipeline == "layerwise":                  # nothing changes in this pass, so dense outputs feed forward
         run_layerwise(model, batches, lambda i, _n, _m: observe(by_block.get(i, [])),
                       lambda i, _n, _m: measure({i: by_block.get(i, [])}),
                       sequential=False, offload=offload, offload_dir=offload_dir, device=device,
