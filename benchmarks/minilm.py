@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "latency": lat, "grid_ms": {k: ms[k] for k in grid},
+            json.dump({"rows": rows, "markdown": "\n".join(lines), "latency": lat, "grid_ms": {k: ms[k] for k in grid},
                        "torch_pruning_error": tp_error, "env": env}, f, indent=1, default=str)
         log(f"wrote {args.out}")
     return 0

@@ -61,6 +61,11 @@ def test_parse_pattern():
     (dict(sparsity=0.6, pattern="2:4"), "sparsity"),
     (dict(owl=True, pattern="2:4"), "owl"),
     (dict(owl=True, sparsity=0.1, owl_lambda=0.08), "owl_lambda"),
+    (dict(allocation="outliers"), "allocation"),
+    (dict(allocation="sensitivity", pattern="2:4"), "allocation"),
+    (dict(allocation="sensitivity", owl=True), "owl"),
+    (dict(allocation="sensitivity", sensitivity_sparsity=1.0), "sensitivity_sparsity"),
+    (dict(allocation="sensitivity", sensitivity_batches=0), "sensitivity_batches"),
     (dict(targets="q_proj"), "targets"),
     (dict(ignore=["("]), "ignore"),
     (dict(blocksize=0), "blocksize"),
@@ -72,9 +77,12 @@ def test_bad_config_raises_config_error_naming_field(kwargs, field):
 
 
 def test_config_round_trips_through_dict():
-    cfg = Sparse(sparsity=0.5, method="sparsegpt", pattern="2:4", ignore=["mlp"])
-    again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert again == cfg
+    for cfg in (Sparse(sparsity=0.5, method="sparsegpt", pattern="2:4", ignore=["mlp"]),
+                Sparse(method="wanda", allocation="sensitivity", owl_lambda=0.1, sensitivity_batches=2),
+                Sparse(method="wanda", owl=True)):
+        again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert again == cfg
+    assert Sparse(owl=True).allocation == "owl"
 
 
 # --------------------------------------------------------------------------------------------- algorithms
@@ -502,3 +510,60 @@ def test_baking_a_copy_leaves_the_original_masked_and_working():
     assert bake(twin) == 4
     assert torch.equal(twin(x), before)
     assert torch.equal(pruned(x), before) and len(masks(pruned)) == 4
+
+
+
+# ------------------------------------------------------------------------------------------ sensitivity allocation
+
+def test_wanda_probe_zeroes_then_restores_weights_bit_exactly():
+    from prunekit.sparse.prune import _wanda_probe
+    torch.manual_seed(0)
+    model = TinyCNN()
+    modules = dict(model.named_modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = {"c2": torch.rand(8 * 9), "fc": torch.rand(16)}
+    with _wanda_probe(modules, ["c2", "fc"], norms, 0.75):
+        assert float((model.c2.weight == 0).float().mean()) == pytest.approx(0.75, abs=0.02)
+        assert int((model.fc.weight == 0).sum()) == 4 * 12
+        assert torch.equal(model.c1.weight, before["c1.weight"])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sensitivity_allocation_spares_the_layer_whose_pruning_hurts_most():
+    """Two layers (each its own group in a model without blocks): the one whose probe raised the output error
+    more gets target - lambda, the other target + lambda, and the layers are pruned to those sparsities."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)                        # the first layer dominates the output
+        model[2].weight.copy_(torch.randn(8, 32) * 0.01 + model[2].weight.sign() * 0.2)   # flat magnitudes
+    data = [torch.randn(16, 16) for _ in range(3)]
+    res = pk.prune(model, Sparse(sparsity=0.5, method="wanda", allocation="sensitivity", owl_lambda=0.1), data=data)
+    info = res.plan["allocation"]
+    assert info["method"] == "sensitivity" and info["groups"] == ["0", "2"] and res.plan["owl"] is None
+    score = dict(zip(info["groups"], info["score"]))
+    sp = dict(zip(info["groups"], info["sparsity"]))
+    assert all(v > 0 for v in score.values())
+    hi, lo = max(score, key=score.get), min(score, key=score.get)
+    assert sp[hi] == pytest.approx(0.4) and sp[lo] == pytest.approx(0.6)
+    assert res.stats["sparsity"]["0"] == pytest.approx(sp["0"], abs=1 / 16)       # per row of 16 inputs
+    assert res.stats["sparsity"]["2"] == pytest.approx(sp["2"], abs=1 / 32)
+
+
+def test_sensitivity_allocation_on_a_language_model_uses_its_loss_per_block():
+    model = tiny_llama(layers=3)
+    data = calib(n=3)
+    res = pk.prune(model, Sparse(sparsity=0.5, method="sparsegpt", allocation="sensitivity", sensitivity_batches=2),
+                   data=data)
+    info = res.plan["allocation"]
+    assert info["groups"] == [0, 1, 2] and info["probe_batches"] == 2
+    with torch.no_grad():
+        dense = sum(float(model(input_ids=x, labels=x).loss) for x in data[:2]) / 2
+    assert info["loss_dense"] == pytest.approx(dense, rel=1e-5)
+    assert sum(info["sparsity"]) / 3 == pytest.approx(0.5)
+    assert res.stats["sparsity_total"] == pytest.approx(0.5, abs=0.02)
+    for i, s in enumerate(info["sparsity"]):                     # every layer of block i got block i's sparsity
+        for n, v in res.stats["sparsity"].items():
+            if n.startswith(f"model.layers.{i}."):
+                assert v == pytest.approx(s, abs=0.03)

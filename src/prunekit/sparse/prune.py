@@ -9,8 +9,10 @@ prunekit.calibrate block by block.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import inspect
 import logging
 import re
 import time
@@ -19,17 +21,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ..api import PruneResult
-from ..calibrate import as_batches, find_blocks, run_layerwise, run_whole
+from ..calibrate import (POSITIONAL, _eval_mode, _forward_kwargs, _model_device, as_batches, call_batch, find_blocks,
+                         run_layerwise, run_whole)
 from ..config import Config, ConfigError, check_type, register_config, register_handler
 from .algorithms import (InputStats, magnitude_mask, outlier_ratio, owl_block_sparsity, parse_pattern,
                          sparsegpt_prune, wanda_mask, wanda_scores)
-from .masks import apply_mask, bake, is_sparse_target, layer_input_rows, sparsity_stats, weight_2d
+from .masks import _transposed, apply_mask, bake, is_sparse_target, layer_input_rows, sparsity_stats, weight_2d
 
 log = logging.getLogger("prunekit.sparse")
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl", "sensitivity")
 PIPELINES = ("layerwise", "whole")
 # Default exclusions: the output head and anything embedding-like (their rows are looked up, not summed).
 _DEFAULT_IGNORE = (r"(^|\.)lm_head$", r"embed")
@@ -49,9 +54,17 @@ class Sparse(Config):
                 N:M groups run along that flattened input) except lm_head, embeddings and weights tied to
                 the input embedding. Grouped/depthwise convolutions are not targets.
     ignore      regexes of module names to leave dense.
-    owl         outlier-weighted layerwise sparsity: blocks with more activation outliers get lower sparsity;
-                block sparsities span 2 * owl_lambda and average exactly `sparsity`. owl_m: outlier threshold
-                as a multiple of the mean Wanda score.
+    allocation  how the overall `sparsity` is spread over blocks (transformer blocks; each layer on its own in
+                models without a block stack). Block sparsities span 2 * owl_lambda and average exactly
+                `sparsity` (same mapping as OWL):
+                  "uniform"      every layer gets `sparsity`;
+                  "owl"          outlier-weighted (Yin et al. 2023): blocks whose Wanda scores hold more outliers
+                                 (above owl_m x mean) get lower sparsity;
+                  "sensitivity"  measured: each block alone is pruned to `sensitivity_sparsity` with Wanda masks
+                                 and the rise of the calibration loss (language models: next-token loss; others:
+                                 relative output error) over `sensitivity_batches` batches is its sensitivity;
+                                 more sensitive blocks get lower sparsity. Weights are restored after each probe.
+    owl         shorthand for allocation="owl" (kept for existing recipes).
     dampening   SparseGPT: fraction of the mean Hessian diagonal added to it. blocksize: columns per lazy update.
     sequential  feed each pruned block's outputs to the next block (errors get compensated downstream).
     pipeline    "layerwise" (block by block, low memory) or "whole" (one forward with hooks everywhere,
@@ -66,6 +79,9 @@ class Sparse(Config):
     owl: bool = False
     owl_lambda: float = 0.08
     owl_m: float = 5.0
+    allocation: str = "uniform"
+    sensitivity_sparsity: float = 0.7
+    sensitivity_batches: int = 4
     dampening: float = 0.01
     blocksize: int = 128
     sequential: bool = True
@@ -89,9 +105,10 @@ class Sparse(Config):
             if abs(self.sparsity - implied) > 1e-9:
                 raise ConfigError(f"{o}.sparsity={self.sparsity} does not match pattern {self.pattern!r}, which keeps "
                                   f"{nm[0]} of every {nm[1]} weights (sparsity {implied:g}); set sparsity={implied:g}")
-            if self.owl:
-                raise ConfigError(f"{o}.owl distributes unstructured sparsity across blocks; it cannot be combined "
-                                  f"with pattern {self.pattern!r}. Use pattern='unstructured' or owl=False")
+            if self.owl or self.allocation != "uniform":
+                raise ConfigError(f"{o}.owl / allocation={self.allocation!r} distribute unstructured sparsity across "
+                                  f"blocks; they cannot be combined with pattern {self.pattern!r}. Use "
+                                  f"pattern='unstructured' or allocation='uniform'")
         for field in ("targets", "ignore"):
             value = getattr(self, field)
             if value is None and field == "targets":
@@ -109,11 +126,24 @@ class Sparse(Config):
             raise ConfigError(f"{o}.targets is an empty list, so nothing would be pruned; use None for the default")
         for field in ("owl", "sequential", "bake"):
             check_type(o, field, getattr(self, field), bool, "True or False")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"{o}.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.owl and self.allocation not in ("uniform", "owl"):
+            raise ConfigError(f"{o}.owl=True asks for allocation='owl' but allocation={self.allocation!r}; set only one")
+        if self.owl:
+            self.allocation = "owl"
+        check_type(o, "sensitivity_sparsity", self.sensitivity_sparsity, (int, float), "a number in (0, 1)")
+        if not 0.0 < self.sensitivity_sparsity < 1.0:
+            raise ConfigError(f"{o}.sensitivity_sparsity must be in (0, 1), got {self.sensitivity_sparsity!r}")
+        check_type(o, "sensitivity_batches", self.sensitivity_batches, int, "a positive int")
+        if self.sensitivity_batches < 1:
+            raise ConfigError(f"{o}.sensitivity_batches must be >= 1, got {self.sensitivity_batches!r}")
         check_type(o, "owl_lambda", self.owl_lambda, (int, float), "a number")
         check_type(o, "owl_m", self.owl_m, (int, float), "a number")
         check_type(o, "dampening", self.dampening, (int, float), "a number")
         check_type(o, "blocksize", self.blocksize, int, "a positive int")
-        if self.owl and not (0.0 <= 2 * self.owl_lambda <= self.sparsity and self.sparsity + 2 * self.owl_lambda < 1):
+        if self.allocation != "uniform" and not (0.0 <= 2 * self.owl_lambda <= self.sparsity
+                                                 and self.sparsity + 2 * self.owl_lambda < 1):
             # block sparsities span 2*lambda around the mean, so each may sit up to 2*lambda from it
             raise ConfigError(f"{o}.owl_lambda={self.owl_lambda} could push a block's sparsity outside [0, 1): "
                               f"need 0 <= 2*owl_lambda <= sparsity ({self.sparsity}) and sparsity + 2*owl_lambda < 1")
@@ -133,7 +163,7 @@ class Sparse(Config):
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "magnitude" or self.owl
+        return self.method != "magnitude" or self.allocation != "uniform"
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -282,7 +312,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
             pipeline = "whole"
             log.info("Sparse: %s has no stack of repeated blocks; calibrating it in one whole-model pass",
                      type(model).__name__)
-    elif cfg.owl:                                            # OWL groups layers by block in either pipeline
+    elif cfg.allocation != "uniform":                         # allocation groups layers by block in either pipeline
         try:
             prefix, layers = find_blocks(model)
             n_blocks = len(layers)
@@ -290,9 +320,9 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
             pass
     by_block, rest = _group_targets(names, prefix, n_blocks)
 
-    if cfg.owl:
-        owl_info = _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device,
-                             pipeline if prefix is not None else "whole")
+    if cfg.allocation != "uniform":
+        owl_info = _allocation_pass(model, modules, cfg, batches, by_block, rest, offload, offload_dir, device,
+                                    pipeline if prefix is not None else "whole")
         for key, s in zip(owl_info["groups"], owl_info["sparsity"]):
             for n in (by_block[key] if isinstance(key, int) else [key]):
                 layer_sparsity[n] = s
@@ -338,7 +368,8 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
                        "shape": list(weight_2d(modules[n]).shape),
                        "layout": _layout(modules[n])}
                    for n in names},
-        "owl": owl_info,
+        "owl": owl_info if cfg.allocation == "owl" else None,
+        "allocation": owl_info,
     }
     stats = {"sparsity": measured["layers"], "sparsity_total": measured["total"], "zeros": measured["zeros"],
              "params_targeted": measured["params"], "seconds": seconds, "skipped": skipped,
@@ -351,12 +382,16 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     return PruneResult(model=model, plan=plan, config=cfg, stats=stats)
 
 
-def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, offload_dir, device, pipeline) -> dict:
-    """Dense pre-pass: Wanda scores of every group -> outlier ratio -> per-group sparsity (mean = target).
+def _allocation_pass(model, modules, cfg, batches, by_block, rest, offload, offload_dir, device, pipeline) -> dict:
+    """Dense pre-pass that scores every group and maps the scores to per-group sparsities (mean = target).
 
     Groups are transformer blocks (the OWL paper's "layers"). With pipeline='whole' each target outside the
-    block stack is a group of its own; with the layer-wise pipeline those keep the uniform target."""
-    ratios: Dict[object, float] = {}
+    block stack is a group of its own; with the layer-wise pipeline those keep the uniform target.
+    "owl": score = outlier ratio of the group's Wanda scores. "sensitivity": the dense pass only collects Wanda
+    input norms; then each group alone is pruned to `sensitivity_sparsity` with Wanda masks and the rise of
+    the calibration loss is its score (weights restored bit-exactly after every probe)."""
+    scores: Dict[object, object] = {}
+    norms: Dict[str, torch.Tensor] = {}
     live: Dict[str, InputStats] = {}
 
     def observe(group: List[str]):
@@ -365,8 +400,13 @@ def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, off
     def measure(groups: Dict[object, List[str]]):
         for key, group in groups.items():
             group = [n for n in group if n in live]          # layers that ran on the calibration data
-            if group:
-                ratios[key] = _owl_ratio(modules, group, live, cfg.owl_m)
+            if not group:
+                continue
+            if cfg.allocation == "owl":
+                scores[key] = _owl_ratio(modules, group, live, cfg.owl_m)
+            else:
+                norms.update({n: live[n].sq_norm.clone() for n in group})
+                scores[key] = group
         live.clear()
 
     if pipeline == "layerwise":                  # nothing changes in this pass, so dense outputs feed forward
@@ -378,6 +418,70 @@ def _owl_pass(model, modules, cfg, batches, by_block, rest, prefix, offload, off
         groups = {**by_block, **{n: [n] for n in rest}}
         run_whole(model, batches, lambda *_: observe([n for g in groups.values() for n in g]),
                   lambda *_: measure(groups))
-    keys = list(ratios)
-    sparsity = owl_block_sparsity([ratios[k] for k in keys], cfg.sparsity, cfg.owl_lambda)
-    return {"groups": keys, "outlier_ratio": [ratios[k] for k in keys], "sparsity": sparsity}
+    info: Dict[str, object] = {"method": cfg.allocation, "lambda": cfg.owl_lambda}
+    if cfg.allocation == "sensitivity":
+        probe = batches[:cfg.sensitivity_batches]
+        base, dense_out = _probe_loss(model, probe, None)
+        for key in list(scores):
+            with _wanda_probe(modules, scores[key], norms, cfg.sensitivity_sparsity):
+                scores[key] = _probe_loss(model, probe, dense_out)[0] - base
+        info.update(loss_dense=base, probe_sparsity=cfg.sensitivity_sparsity, probe_batches=len(probe))
+    keys = list(scores)
+    values = [float(scores[k]) for k in keys]
+    info.update(groups=keys, score=values, sparsity=owl_block_sparsity(values, cfg.sparsity, cfg.owl_lambda))
+    if cfg.allocation == "owl":
+        info["outlier_ratio"] = values
+    return info
+
+
+def _raw_weight(module: nn.Module) -> torch.Tensor:
+    """The stored weight tensor (the parametrization's original if the module is already masked)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
+
+
+@contextlib.contextmanager
+def _wanda_probe(modules: Dict[str, nn.Module], names: List[str], norms: Dict[str, torch.Tensor], sparsity: float):
+    """Temporarily zero Wanda's choice of `sparsity` of each named layer's weights; restore them on exit."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for n in names:
+                mod, raw = modules[n], _raw_weight(modules[n])
+                saved[n] = raw.detach().clone()
+                keep = wanda_mask(weight_2d(mod).detach(), norms[n].to(raw.device), sparsity)   # (out, in)
+                raw.mul_((keep.t() if _transposed(mod) else keep.reshape(raw.shape)).to(raw.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                _raw_weight(modules[n]).copy_(w)
+
+
+@torch.no_grad()
+def _probe_loss(model: nn.Module, batches, dense_outputs) -> Tuple[float, list]:
+    """Mean calibration loss over `batches`: a language model's own next-token loss (labels = input_ids) when
+    its forward takes labels; otherwise the relative squared error of the outputs against `dense_outputs`
+    (None: this is the dense run, whose outputs are returned as the reference and whose loss is 0)."""
+    from ..recover.losses import logits_of
+    device = _model_device(model)
+    try:
+        takes_labels = "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_labels = False
+    total, outs = 0.0, []
+    with _eval_mode(model):
+        for i, b in enumerate(batches):
+            if takes_labels and POSITIONAL not in b and "input_ids" in b:
+                kw = _forward_kwargs(model, b, device)
+                kw.setdefault("labels", kw["input_ids"])
+                total += float(model(**kw).loss)
+                continue
+            y = logits_of(call_batch(model, b, device)).float()
+            if dense_outputs is None:
+                outs.append(y)
+            else:
+                ref = dense_outputs[i]
+                total += float((y - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-12))
+    return total / len(batches), outs
