@@ -300,7 +300,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     t0 = time.perf_counter()
     layer_sparsity = {n: cfg.sparsity for n in names}
     skipped: List[str] = []
-    owl_info = None
+    alloc_info = None
     prefix, n_blocks = None, 0
 
     pipeline = cfg.pipeline
@@ -321,9 +321,9 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     by_block, rest = _group_targets(names, prefix, n_blocks)
 
     if cfg.allocation != "uniform":
-        owl_info = _allocation_pass(model, modules, cfg, batches, by_block, rest, offload, offload_dir, device,
+        alloc_info = _allocation_pass(model, modules, cfg, batches, by_block, rest, offload, offload_dir, device,
                                     pipeline if prefix is not None else "whole")
-        for key, s in zip(owl_info["groups"], owl_info["sparsity"]):
+        for key, s in zip(alloc_info["groups"], alloc_info["sparsity"]):
             for n in (by_block[key] if isinstance(key, int) else [key]):
                 layer_sparsity[n] = s
 
@@ -368,8 +368,8 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
                        "shape": list(weight_2d(modules[n]).shape),
                        "layout": _layout(modules[n])}
                    for n in names},
-        "owl": owl_info if cfg.allocation == "owl" else None,
-        "allocation": owl_info,
+        "owl": alloc_info if cfg.allocation == "owl" else None,
+        "allocation": alloc_info,
     }
     stats = {"sparsity": measured["layers"], "sparsity_total": measured["total"], "zeros": measured["zeros"],
              "params_targeted": measured["params"], "seconds": seconds, "skipped": skipped,
