@@ -44,56 +44,42 @@ def train(model, dense, data, loss, steps, lr):
     return pk.recover(model, teacher=dense if loss in ("kd", "mixed") else None, data=data, config=cfg, quiet=True)
 
 
-def tp_prune_for_speed(dense, x, speed_goal, steps=10):
-    """Torch-Pruning at the smallest uniform ratio whose measured speedup reaches `speed_goal` (bisection on
-    the ratio, each candidate timed against the dense model like prunekit's result): both tools compared at
-    the same measured speed, which is what the latency target promises."""
+def tp_magnitude(dense, x, ratio):
+    """Torch-Pruning's MagnitudePruner (L2) at one uniform ratio, the classifier kept; returns (model, MACs)."""
     import torch_pruning as tp
+    m = copy.deepcopy(dense)
+    tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
+                              ignored_layers=[m.fc]).step()
+    return m, tp.utils.count_ops_and_params(m, x)[0]
 
-    def build(r):
-        m = copy.deepcopy(dense)
-        pr = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=r, ignored_layers=[m.fc])
-        pr.step()
-        return m
 
+def tp_bisect(dense, x, enough, steps):
+    """Smallest uniform Torch-Pruning ratio (bisection over [0, 0.95]) whose model satisfies
+    `enough(model, macs)`; returns (model, ratio, macs), the 0.95 model if no ratio tried was enough."""
     lo, hi, best = 0.0, 0.95, None
     for _ in range(steps):
         mid = (lo + hi) / 2
-        m = build(mid)
-        sp = measured_speedup(dense, m, x)["min"]
-        if sp >= speed_goal:
-            hi, best = mid, (m, mid, tp.utils.count_ops_and_params(m, x)[0])
+        m, macs = tp_magnitude(dense, x, mid)
+        if enough(m, macs):
+            hi, best = mid, (m, mid, macs)
         else:
             lo = mid
     if best is None:
-        m = build(hi)
-        best = (m, hi, tp.utils.count_ops_and_params(m, x)[0])
+        m, macs = tp_magnitude(dense, x, hi)
+        best = (m, hi, macs)
     return best
+
+
+def tp_prune_for_speed(dense, x, speed_goal, steps=10):
+    """Torch-Pruning at the smallest uniform ratio whose measured speedup reaches `speed_goal` (each candidate
+    timed against the dense model like prunekit's result): both tools compared at the same measured speed,
+    which is what the latency target promises."""
+    return tp_bisect(dense, x, lambda m, _macs: measured_speedup(dense, m, x)["min"] >= speed_goal, steps)
 
 
 def tp_prune(dense, x, macs_goal):
-    """Torch-Pruning at the ratio whose MACs match `macs_goal` (bisection on its uniform ratio)."""
-    import torch_pruning as tp
-
-    def build(r):
-        m = copy.deepcopy(dense)
-        ignored = [m.fc]
-        pr = tp.pruner.MagnitudePruner(m, x, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=r, ignored_layers=ignored)
-        pr.step()
-        return m, tp.utils.count_ops_and_params(m, x)[0]
-
-    lo, hi = 0.0, 0.95
-    best = None
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        m, macs = build(mid)
-        if macs > macs_goal:
-            lo = mid
-        else:
-            hi, best = mid, (m, mid, macs)
-    return best
+    """Torch-Pruning at the smallest uniform ratio whose MACs are at most `macs_goal`."""
+    return tp_bisect(dense, x, lambda _m, macs: macs <= macs_goal, 14)
 
 
 def main():

@@ -82,14 +82,19 @@ def as_batches(data: Any, *, what: str = "data", model: Optional[nn.Module] = No
     return [_as_kwargs(b, f"{what}[{i}]", positional) for i, b in enumerate(items)]
 
 
+def forward_parameters(model: nn.Module) -> Optional[List[str]]:
+    """Names of `model.forward`'s parameters in order, or None when its signature cannot be read."""
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
 def _takes_input_ids(model: nn.Module) -> bool:
     """Whether the forward's first parameter is `input_ids` (a language model) -- then a tensor batch must be
-    token ids. Otherwise tensors are positional inputs."""
-    try:
-        params = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return True
-    return bool(params) and params[0] == "input_ids"
+    token ids. Otherwise tensors are positional inputs. Unreadable signatures count as language models."""
+    params = forward_parameters(model)
+    return params is None or (bool(params) and params[0] == "input_ids")
 
 
 def _as_kwargs(batch: Any, where: str, positional: bool = False) -> Dict[str, Any]:
@@ -283,11 +288,7 @@ def call_batch(model: nn.Module, batch: Dict[str, Any], device: torch.device):
 
 def _forward_kwargs(model: nn.Module, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     kw = _map_tensors(batch, lambda t: t.to(device))
-    try:
-        accepts_cache = "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        accepts_cache = False
-    if accepts_cache and "use_cache" not in kw:
+    if "use_cache" in (forward_parameters(model) or ()) and "use_cache" not in kw:
         kw["use_cache"] = False                                     # no KV cache while calibrating
     return kw
 

@@ -363,9 +363,8 @@ def _lm_device(model):
 def _cache_kwarg(model) -> str:
     """Name of the KV-cache argument: transformers >= 5.2x calls it `cache`, older versions
     `past_key_values`."""
-    import inspect
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    from .calibrate import forward_parameters
+    return "cache" if "cache" in (forward_parameters(model) or ()) else "past_key_values"
 
 
 def _cache_of(out):
@@ -405,13 +404,9 @@ def prefill_latency(model: nn.Module, input_ids: torch.Tensor, reps: int = 10, w
 def prefill_kwargs(model: nn.Module) -> Dict[str, Any]:
     """Forward keyword arguments of a generation prefill: use_cache=True, plus logits_to_keep=1 where the
     forward takes it (Hugging Face causal LMs since transformers 4.45; generate() passes the same)."""
-    import inspect
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}
+    from .calibrate import forward_parameters
     kw: Dict[str, Any] = {"use_cache": True}
-    if "logits_to_keep" in params:
+    if "logits_to_keep" in (forward_parameters(model) or ()):
         kw["logits_to_keep"] = 1
     return kw
 

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 __all__ = ["SparseMask", "is_linear_like", "is_sparse_target", "weight_2d", "layer_input_rows", "apply_mask", "bake",
-           "remask_from_zeros",
-           "masks", "sparsity_stats"]
+           "remask_from_zeros", "stored_weight", "to_weight_layout", "masks", "sparsity_stats"]
 
 
 class SparseMask(nn.Module):
@@ -64,6 +63,22 @@ def weight_2d(module: nn.Module) -> torch.Tensor:
     if _transposed(module):
         return W.t()
     return W.reshape(W.shape[0], -1) if W.dim() > 2 else W
+
+
+def to_weight_layout(module: nn.Module, t2d: torch.Tensor) -> torch.Tensor:
+    """A (out, in) matrix from `weight_2d` coordinates back in the parameter's own layout: transposed for
+    Conv1D, reshaped to the kernel shape for convolutions, unchanged for nn.Linear."""
+    if _transposed(module):
+        return t2d.t()
+    shape = stored_weight(module).shape
+    return t2d.reshape(shape) if len(shape) > 2 else t2d
+
+
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The weight tensor as stored: the parametrization's `original` for a masked module, else `weight`."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
 
 
 def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,20 +129,13 @@ def apply_mask(module: nn.Module, keep: torch.Tensor, new_weight: Optional[torch
     new_weight (out, in): replacement values for the kept weights (SparseGPT's reconstruction); by default the
     current values are kept. The stored original is zeroed where pruned so raw state_dicts and `bake` agree.
     A module that already has a mask gets the intersection of old and new masks."""
-    if _transposed(module):
-        keep = keep.t()
-        new_weight = None if new_weight is None else new_weight.t()
-    elif module.weight.dim() > 2:                          # conv kernel: back from (out, in * k) to its layout
-        shape = module.weight.shape
-        keep = keep.reshape(shape)
-        new_weight = None if new_weight is None else new_weight.reshape(shape)
+    keep = to_weight_layout(module, keep)
+    new_weight = None if new_weight is None else to_weight_layout(module, new_weight)
     existing = _mask_of(module)
     if existing is not None:
         keep = keep.to(existing.mask.device) & existing.mask
         existing.mask.copy_(keep)
-        target = module.parametrizations["weight"].original
-    else:
-        target = module.weight
+    target = stored_weight(module) if existing is not None else module.weight
     keep = keep.to(target.device)
     values = target if new_weight is None else new_weight.to(device=target.device, dtype=target.dtype)
     target.copy_(torch.where(keep, values, torch.zeros_like(values)))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import logging
 import re
 import time
@@ -21,15 +20,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from ..api import PruneResult
 from ..calibrate import (POSITIONAL, _eval_mode, _forward_kwargs, _model_device, as_batches, call_batch, find_blocks,
-                         run_layerwise, run_whole)
+                         forward_parameters, run_layerwise, run_whole)
 from ..config import Config, ConfigError, check_type, register_config, register_handler
 from .algorithms import (InputStats, magnitude_mask, outlier_ratio, owl_block_sparsity, parse_pattern,
                          sparsegpt_prune, wanda_mask, wanda_scores)
-from .masks import _transposed, apply_mask, bake, is_sparse_target, layer_input_rows, sparsity_stats, weight_2d
+from .masks import (apply_mask, bake, is_sparse_target, layer_input_rows, sparsity_stats, stored_weight,
+                    to_weight_layout, weight_2d)
 
 log = logging.getLogger("prunekit.sparse")
 
@@ -434,13 +433,6 @@ def _allocation_pass(model, modules, cfg, batches, by_block, rest, offload, offl
     return info
 
 
-def _raw_weight(module: nn.Module) -> torch.Tensor:
-    """The stored weight tensor (the parametrization's original if the module is already masked)."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations["weight"].original
-    return module.weight
-
-
 @contextlib.contextmanager
 def _wanda_probe(modules: Dict[str, nn.Module], names: List[str], norms: Dict[str, torch.Tensor], sparsity: float):
     """Temporarily zero Wanda's choice of `sparsity` of each named layer's weights; restore them on exit."""
@@ -448,15 +440,15 @@ def _wanda_probe(modules: Dict[str, nn.Module], names: List[str], norms: Dict[st
     try:
         with torch.no_grad():
             for n in names:
-                mod, raw = modules[n], _raw_weight(modules[n])
+                mod, raw = modules[n], stored_weight(modules[n])
                 saved[n] = raw.detach().clone()
                 keep = wanda_mask(weight_2d(mod).detach(), norms[n].to(raw.device), sparsity)   # (out, in)
-                raw.mul_((keep.t() if _transposed(mod) else keep.reshape(raw.shape)).to(raw.dtype))
+                raw.mul_(to_weight_layout(mod, keep).to(raw.dtype))
         yield
     finally:
         with torch.no_grad():
             for n, w in saved.items():
-                _raw_weight(modules[n]).copy_(w)
+                stored_weight(modules[n]).copy_(w)
 
 
 @torch.no_grad()
@@ -466,10 +458,7 @@ def _probe_loss(model: nn.Module, batches, dense_outputs) -> Tuple[float, list]:
     (None: this is the dense run, whose outputs are returned as the reference and whose loss is 0)."""
     from ..recover.losses import logits_of
     device = _model_device(model)
-    try:
-        takes_labels = "labels" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes_labels = False
+    takes_labels = "labels" in (forward_parameters(model) or ())
     total, outs = 0.0, []
     with _eval_mode(model):
         for i, b in enumerate(batches):
