@@ -61,9 +61,10 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_prunekit(dense, cal, ev, kw, owl_lambda=None):
+def run_prunekit(dense, cal, ev, kw, owl_lambda=None, override=None):
     if owl_lambda is not None and (kw.get("owl") or kw.get("allocation")):
         kw = {**kw, "owl_lambda": owl_lambda}
+    kw = {**kw, **(override or {})}
     model = copy.deepcopy(dense)
     t = time.perf_counter()
     res = pk.prune(model, Sparse(sparsity=0.5, **kw), data=cal, inplace=True)
@@ -111,7 +112,8 @@ def sparse_section(a, sections):
                 continue
             row = {"run": label}
             if "sparse" in sections:
-                row["prunekit"] = run_prunekit(dense, cal, ev, kw, a.owl_lambda)
+                row["prunekit"] = run_prunekit(dense, cal, ev, kw, a.owl_lambda,
+                                               json.loads(a.override) if a.override else None)
                 log(f"{label:22s} prunekit       ppl {row['prunekit']['ppl']:8.2f}  {row['prunekit']['seconds']:6.1f}s")
             if ref_ok and ref_args is not None:
                 row["llmcompressor"] = run_reference(ids_file, ref_args, a.threads)
@@ -155,6 +157,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sections", default="sparse,reference,memory,structured,minilm")
     ap.add_argument("--runs", default="all", help="comma-separated sparse run labels, or 'all'")
+    ap.add_argument("--override", default=None,
+                    help='JSON of Sparse fields applied to every prunekit row run, for ablations, e.g. '
+                         '\'{"blocksize": 64}\' or \'{"owl_m": 7}\' (write those to another --out)')
     ap.add_argument("--owl-lambda", type=float, default=None,
                     help="half-span of block sparsities for the OWL / sensitivity rows (default: Sparse's 0.08)")
     ap.add_argument("--out", default="benchmarks/results/llm.json")
