@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) system-deps
 
 demo: install
-	$(BIN)/python -m prunekit.demo
+	$(BIN)/python examples/demo.py
 
 test: install
 	$(BIN)/python -m pytest -q -x --timeout=1800

@@ -24,8 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from prunekit.export import ExportError, export_onnx, quantize_int8  # noqa: E402
-from prunekit.measure import environment_info, measure_latency, param_count, size_on_disk  # noqa: E402
+from prunekit.errors import ExportError
+from prunekit.export import quantize_int8  # noqa: E402
+from prunekit.export.onnx import export_onnx
+from prunekit.measure import size_on_disk  # noqa: E402
+from prunekit.measure.counts import count_params
+from prunekit.measure.env import environment_info
+from prunekit.measure.latency import measure_latency
 
 
 def vit_small():
@@ -97,7 +102,7 @@ def bench_model(name, batch_sizes, reps, threads, tmpdir):
     quant = quantize_int8(model)
     lat = measure_latency({"dense": model, "int8": quant}, inputs, batch_sizes=batch_sizes, threads=threads,
                           warmup=3, reps=reps)
-    out = {"model": name, "params": param_count(model), "size_dense_bytes": size_on_disk(model),
+    out = {"model": name, "params": count_params(model), "size_dense_bytes": size_on_disk(model),
            "size_int8_bytes": size_on_disk(quant), "latency": lat["rows"],
            "int8_agreement": agreement(model, quant, inputs, head)}
     try:

@@ -32,7 +32,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import llm_sparse as L  # noqa: E402
-
 import torch  # noqa: E402
 
 import prunekit as pk  # noqa: E402

@@ -14,7 +14,6 @@ within KV groups + FFN; hidden size + heads + FFN).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -27,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llm_sparse as L  # noqa: E402  (shared SmolLM2 loader, Austen windows, perplexity)
 
 import prunekit as pk  # noqa: E402
-from prunekit import importance as I  # noqa: E402
 from prunekit.measure import prefill_kwargs  # noqa: E402
+from prunekit.structured import importance as I  # noqa: E402
 
 
 def width(model, calib, ratio, importance):

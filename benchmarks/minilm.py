@@ -24,12 +24,16 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import prunekit as pk  # noqa: E402
-from prunekit import demo  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import demo  # noqa: E402
+
 from prunekit.graph import DependencyGraph  # noqa: E402
 
 MATCH_GRID = (0.35, 0.4, 0.45, 0.5, 0.55)
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
         log(f"Lee similarity: {name}")
         lee = suite.run(model, names=("lee",))["lee"].value
         t = lat.get_row(timed_as[name], demo.LATENCY_BATCH)
-        rows.append({"variant": name, "how": how, "params": pk.param_count(model),
+        rows.append({"variant": name, "how": how, "params": pk.count_params(model),
                      "hidden": int(model.embeddings.word_embeddings.weight.shape[1]),
                      "latency_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],
                      "latency_vs_dense": t["median_ms"] / ms["dense"], "lee_pearson": lee})

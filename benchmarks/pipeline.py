@@ -27,7 +27,7 @@ import warnings
 import torch
 
 import prunekit as pk
-from prunekit.latency import Latency
+from prunekit.structured.latency import Latency
 from prunekit.zoo import accuracy
 
 
@@ -111,7 +111,7 @@ def main():
         t0 = time.time()
         imp = a.importance
         if imp == "taylor":          # first-order Taylor from 8 training batches (TP's recipe uses magnitude)
-            from prunekit.importance import Taylor
+            from prunekit.structured.importance import Taylor
             imp = Taylor(data=[train_data[i] for i in range(8)], batches=8)
         res = pk.prune(dense, pk.Structured(importance=imp, target=Latency(speedup=sp, allocation=a.allocation)),
                        example_inputs=x)

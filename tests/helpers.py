@@ -4,10 +4,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 
 import prunekit as pk
-from prunekit.structured import cut_valid, run_model
+from prunekit.structured.cut import cut_valid, run_model
 
 
 def outputs(model, x):

@@ -1,6 +1,5 @@
 """Bad input gets a clear error: what was wrong, where, and what to do."""
 import json
-import warnings
 
 import pytest
 import torch

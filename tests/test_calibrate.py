@@ -8,8 +8,10 @@ import torch.nn as nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from prunekit.calibrate import (CalibrationDataError, as_batches, capture_block_inputs, find_blocks,  # noqa: E402
-                                measure_peak_memory, run_layerwise, run_whole)
+from prunekit.batch import as_batches
+from prunekit.calibrate.layerwise import capture_block_inputs, find_blocks, run_layerwise, run_whole
+from prunekit.errors import CalibrationDataError
+from prunekit.measure.memory import measure_peak_memory  # noqa: E402
 
 torch.set_num_threads(1)
 V = 64

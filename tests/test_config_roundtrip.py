@@ -5,21 +5,21 @@ import pytest
 import yaml
 
 import prunekit as pk
-import prunekit.importance  # noqa: F401  (registers the importance configs)
-import prunekit.latency  # noqa: F401
-import prunekit.pipeline  # noqa: F401
-import prunekit.schedule  # noqa: F401
+import prunekit.run.pipeline  # noqa: F401
+import prunekit.run.schedule  # noqa: F401
 import prunekit.sparse  # noqa: F401
+import prunekit.structured.importance  # noqa: F401  (registers the importance configs)
+import prunekit.structured.latency  # noqa: F401
 from prunekit.config import _CONFIGS, config_from_dict
 
 # configs whose defaults are not valid on their own, with a typical non-default instance
 SAMPLES = {
-    "Iterative": lambda C: C(prune=pk.Structured(ratio=0.5, importance=prunekit.importance.Taylor(batches=2)),
+    "Iterative": lambda C: C(prune=pk.Structured(ratio=0.5, importance=prunekit.structured.importance.Taylor(batches=2)),
                              steps=2, recover=pk.Recover(epochs=2), max_drop=0.01),
     "Recipe": lambda C: C(stages=[{"prune": {"type": "Structured", "ratio": 0.3}}, {"recover": {"epochs": 1}},
                                   {"evaluate": {"max_drop": 0.02}}], seed=4),
-    "Structured": lambda C: C(ratio={"layer.*": 0.4}, importance=prunekit.importance.Activation(kind="apoz"),
-                              target=prunekit.latency.Latency(speedup=2.0), ignore=["fc"]),
+    "Structured": lambda C: C(ratio={"layer.*": 0.4}, importance=prunekit.structured.importance.Activation(kind="apoz"),
+                              target=prunekit.structured.latency.Latency(speedup=2.0), ignore=["fc"]),
     "Gradual": lambda C: C(sparsity=0.8, steps=3, prune=pk.sparse.Sparse(method="wanda")),
 }
 
@@ -48,5 +48,5 @@ def test_registry_has_the_pipeline_configs():
 def test_unknown_key_names_closest_and_runtime_fields_are_not_serialized():
     with pytest.raises(pk.ConfigError, match="did you mean 'speedup'"):
         config_from_dict({"type": "Latency", "speedupp": 2})
-    d = prunekit.importance.Taylor(data=[1, 2], batches=3).to_dict()
+    d = prunekit.structured.importance.Taylor(data=[1, 2], batches=3).to_dict()
     assert "data" not in d and "loss_fn" not in d and d["batches"] == 3

@@ -143,7 +143,7 @@ def test_pretrained_trains_once_then_loads_cache(monkeypatch, tmp_path):
 
 
 def test_resolve_model_forms(tmp_path, monkeypatch):
-    from prunekit.runs import save_safetensors_atomic
+    from prunekit.io.atomic import save_safetensors_atomic
     mod = types.ModuleType("my_tiny_models")
     mod.build = lambda: nn.Linear(3, 2)
     monkeypatch.setitem(sys.modules, "my_tiny_models", mod)

@@ -36,7 +36,7 @@ SETUP = textwrap.dedent("""
     torch.set_num_threads(1)
     import prunekit.data as PD
     from prunekit.recover import recover
-    from prunekit.runs import save_safetensors_atomic
+    from prunekit.io.atomic import save_safetensors_atomic
 
     def mlp(seed):
         torch.manual_seed(seed)
@@ -137,7 +137,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
 
 
 def test_fsdp_option_checked():
-    from prunekit.config import ConfigError
+    from prunekit.errors import ConfigError
     from prunekit.recover import Recover
     with pytest.raises(ConfigError, match="strategy"):
         Recover(strategy="zero3")

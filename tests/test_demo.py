@@ -1,8 +1,9 @@
-"""`python -m prunekit.demo --quick`: the real MiniLM pipeline end to end, then reload the saved model and check
+"""`python examples/demo.py --quick`: the real MiniLM pipeline end to end, then reload the saved model and check
 that the report's numbers are what `pk.evaluate` gives for it.
 
 The demo runs once per module (about a minute or two on 2 cores); the other tests read its outputs."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ pytest.importorskip("gensim")
 pytest.importorskip("sklearn")
 
 import prunekit as pk  # noqa: E402
-from prunekit import demo  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +81,9 @@ def test_reloaded_model_matches_report(demo_run):
     """Reload with pk.load on a fresh pretrained MiniLM and re-evaluate: same numbers as in the report."""
     out, metrics = demo_run
     fresh, tokenizer = demo.load_minilm()
-    dense_params = pk.param_count(fresh)
+    dense_params = pk.count_params(fresh)
     model = pk.load(out / "model", model=fresh)
-    assert pk.param_count(model) == _row(metrics, "pruned")["params"] < dense_params
+    assert pk.count_params(model) == _row(metrics, "pruned")["params"] < dense_params
     evals = demo.EvalSuite(tokenizer).run(model)
     row = _row(metrics, "pruned")
     assert evals["lee"].value == pytest.approx(row["quality"], abs=1e-6)

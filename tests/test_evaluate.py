@@ -2,14 +2,14 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prunekit.evaluate import (CompareError, EvalResult, MetricError, TokenWindows, compare_slices, evaluate,
-                               from_callable)
+from prunekit.errors import CompareError, MetricError
+from prunekit.evaluate import EvalResult, TokenWindows, compare_slices, from_callable
+from prunekit.evaluate.core import evaluate
 
 N_CLASSES, PER_CLASS, DIM = 6, 60, 6
 

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prunekit.export import (ExportError, UnsupportedHardwareError, export_onnx, failing_op, mask_2to4,
-                             quantize_int8, semi_structured_2to4)
-from prunekit.measure import size_on_disk
+from prunekit.errors import ExportError, UnsupportedHardwareError
+from prunekit.export.onnx import export_onnx, failing_op
+from prunekit.export.quantize import mask_2to4, quantize_int8, semi_structured_2to4
+from prunekit.measure.size import size_on_disk
 
 
 class Block(nn.Module):

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import check_prunes, check_ratio_zero_identical, check_save_load, check_zero_channel_equivalence
 
 import prunekit as pk
-from helpers import (check_prunes, check_ratio_zero_identical, check_save_load, check_zero_channel_equivalence,
-                     outputs)
 
 
 def bn(c):

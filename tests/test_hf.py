@@ -7,9 +7,20 @@ import torch
 import prunekit as pk
 
 transformers = pytest.importorskip("transformers")
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
-                          LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM, ViTConfig,
-                          ViTForImageClassification)
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 IDS = lambda: {"input_ids": torch.randint(0, 100, (2, 8))}
 FAMILIES = {
@@ -59,7 +70,7 @@ def test_heads_and_ffn(name, tmp_path):
     assert pk.count_params(p) < pk.count_params(m)
     assert main_out(p(**x)).shape == main_out(m(**x)).shape
     # heads halved (whole KV groups for GQA), FFN halved, hidden size kept by default
-    from prunekit import hf
+    from prunekit.models import hf
     sizes = hf.layer_sizes(p, cfg)
     assert sizes["heads"] == [cfg.num_attention_heads // 2] * cfg.num_hidden_layers, sizes
     if sizes["kv_heads"] and getattr(cfg, "num_key_value_heads", None):
@@ -148,7 +159,7 @@ def test_sparse_save_load_roundtrip(tmp_path):
 
 
 def test_fluctuation_scores_and_bias_compensation(tmp_path):
-    from prunekit.importance import fluctuation_values
+    from prunekit.structured.importance import fluctuation_values
     # hand case: channel variance times squared column norm
     var = torch.tensor([1.0, 0.0, 4.0])
     w = torch.tensor([[1.0, 3.0, 1.0], [1.0, 4.0, 0.0]])
@@ -178,7 +189,7 @@ def test_gqa_query_heads_evenly_within_groups(tmp_path):
                                      num_attention_heads=8, num_key_value_heads=2)).eval()
     x = IDS()
     r = pk.prune(m, pk.Structured(ratio=0.5, gqa="query_heads"), example_inputs=x)
-    from prunekit import hf
+    from prunekit.models import hf
     sizes = hf.layer_sizes(r.model, m.config)
     assert sizes["heads"] == [4, 4] and sizes["kv_heads"] == [2, 2]       # KV heads kept, 2 of 4 per group
     for layer in r.model.model.layers:

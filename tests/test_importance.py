@@ -4,8 +4,9 @@ import torch
 import torch.nn as nn
 
 import prunekit as pk
-from prunekit import importance as I
-from prunekit.structured import Structured, group_scores
+from prunekit.structured import importance as I
+from prunekit.structured import sensitivity as S
+from prunekit.structured.config import Structured
 
 
 class TinyConvBN(nn.Module):
@@ -136,7 +137,7 @@ def test_taylor_without_prepare_or_data_says_what_to_do():
 
 
 def test_inverse_sensitivity_keeps_budget_and_order():
-    r = I.inverse_sensitivity_ratios([0.0, 1.0, 4.0], [10, 10, 20], ratio=0.5, max_ratio=0.9)
+    r = S.inverse_sensitivity_ratios([0.0, 1.0, 4.0], [10, 10, 20], ratio=0.5, max_ratio=0.9)
     removed = sum(ri * n for ri, n in zip(r, [10, 10, 20]))
     assert removed == pytest.approx(20.0, rel=1e-6)
     assert r[0] == pytest.approx(0.9) and r[0] > r[1] > r[2]
@@ -150,7 +151,7 @@ def test_sensitivity_ratios_feed_structured_ratio_dict():
         m[4].weight[:, :] *= 0.01
     x = torch.randn(32, 4)
     y = torch.randint(0, 3, (32,))
-    ratios = I.sensitivity_ratios(m, x[:1], [(x, y)], ratio=0.5, batches=1)
+    ratios = S.sensitivity_ratios(m, x[:1], [(x, y)], ratio=0.5, batches=1)
     assert len(ratios) == 2 and all(0 <= v <= 0.9 for v in ratios.values())
     res = pk.prune(m, Structured(ratio=ratios), example_inputs=x[:1])
     assert res.stats["params_after"] < res.stats["params_before"]

@@ -1,14 +1,15 @@
 """Latency-target logic with an injected, deterministic timer (real timings belong in benchmarks/)."""
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 import prunekit as pk
-from prunekit import latency as L
-from prunekit.config import ConfigError
-from prunekit.structured import Structured, group_scores
+from prunekit.errors import ConfigError
+from prunekit.structured import latency as L
+from prunekit.structured.allocate import group_scores
+from prunekit.structured.config import Structured
+from prunekit.structured.cut import remove_units
 
 
 def cnn():
@@ -49,7 +50,7 @@ def test_allocate_for_latency_meets_target_with_fake_timer(allocation):
     removed, info = L.allocate_for_latency(m, graph, sc, cfg, x, timer=fake_timer)
     assert info["latency_reached"] and info["latency_requested"] == 1.5
     assert abs(info["latency_achieved"] - 1.5) <= 0.1 * 1.5
-    pruned, _, _ = pk.structured.remove_units(m, graph, removed)
+    pruned, _, _ = remove_units(m, graph, removed)
     t = fake_timer({"d": m, "p": pruned}, None)
     assert t["d"] / t["p"] == pytest.approx(info["latency_achieved"])
     if allocation == "cost":

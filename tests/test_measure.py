@@ -5,8 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from prunekit.measure import (decode_tokens_per_s, environment_info, make_batch, measure_latency, model_stats,
-                              param_count, peak_memory, prefill_latency, size_on_disk)
+from prunekit.measure.counts import count_params
+from prunekit.measure.env import environment_info
+from prunekit.measure.latency import make_batch, measure_latency
+from prunekit.measure.lm import decode_tokens_per_s, prefill_latency
+from prunekit.measure.memory import peak_memory
+from prunekit.measure.size import model_stats, size_on_disk
 
 
 def _mlp(width):
@@ -60,18 +64,18 @@ def test_peak_memory_counts_live_tensor_bytes():
 
 def test_param_count_and_size_on_disk_dense_tied_and_int8():
     m = nn.Linear(100, 50)
-    assert param_count(m) == 5050
+    assert count_params(m) == 5050
     assert 5050 * 4 <= size_on_disk(m) < 5050 * 4 + 1000
     tied = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 10, bias=False))
     tied[1].weight = tied[0].weight
-    assert param_count(tied) == 80 and size_on_disk(tied) < 80 * 4 + 500
+    assert count_params(tied) == 80 and size_on_disk(tied) < 80 * 4 + 500
     with torch.no_grad():
         m.weight[:, :50] = 0
-    assert param_count(m, nonzero=True) == 2500 + int(torch.count_nonzero(m.bias))
+    assert count_params(m, nonzero=True) == 2500 + int(torch.count_nonzero(m.bias))
     big = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
-    from prunekit.export import quantize_int8
+    from prunekit.export.quantize import quantize_int8
     q = quantize_int8(big)
-    assert param_count(q) == param_count(big)
+    assert count_params(q) == count_params(big)
     assert size_on_disk(q) < 0.3 * size_on_disk(big)
 
 
@@ -100,7 +104,8 @@ def test_prefill_computes_only_the_last_logits_like_generate():
     """prefill_latency times what generate() runs first: use_cache=True and, where the forward takes it,
     logits_to_keep=1, whose logits equal the last position of a full forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from prunekit.measure import prefill_kwargs
+
+    from prunekit.measure.lm import prefill_kwargs
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2)).eval()

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import prunekit as pk
-from prunekit.pipeline import Recipe, load_recipe, run_pipeline
+from prunekit.run.pipeline import Recipe, load_recipe, run_pipeline
 
 
 class Net(nn.Module):
@@ -132,6 +132,7 @@ def test_sensitivity_allocation_stage_runs(tmp_path):
 
 def test_builtin_recipes_parse():
     import pathlib
+
     import prunekit
     files = sorted((pathlib.Path(prunekit.__file__).parent / "recipes").glob("*.yaml"))
     assert len(files) >= 3

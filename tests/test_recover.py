@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
 import prunekit.data as D
-from prunekit.config import ConfigError, config_from_dict
-from prunekit.recover import Recover, RecoveryDiverged, kd_loss, lr_at, recover
+from prunekit.config import config_from_dict
+from prunekit.errors import ConfigError, RecoveryDiverged
+from prunekit.recover import Recover, kd_loss, lr_at, recover
 
 torch.set_num_threads(1)
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from prunekit.evaluate import compare_slices, evaluate, from_callable
-from prunekit.report import RunRecorder, load_run, write_report
-from prunekit.report.recorder import ReportError
+from prunekit.errors import ReportError
+from prunekit.evaluate import compare_slices, from_callable
+from prunekit.evaluate.core import evaluate
+from prunekit.report import RunRecorder, load_run
+from prunekit.report.write import write_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 

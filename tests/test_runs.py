@@ -15,9 +15,10 @@ import torch.nn as nn
 
 import prunekit
 import prunekit.data as D
+from prunekit.errors import RunError
 from prunekit.recover import recover
-from prunekit.runs import (Run, RunError, optimizer_state_from_files, optimizer_state_to_files, resume, rng_state,
-                           set_rng_state)
+from prunekit.recover.resume import resume
+from prunekit.run.directory import Run, optimizer_state_from_files, optimizer_state_to_files, rng_state, set_rng_state
 
 torch.set_num_threads(1)
 SRC = str(Path(prunekit.__file__).resolve().parents[1])
@@ -136,7 +137,7 @@ WORKER = textwrap.dedent("""
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, data, teacher):
-    from prunekit.runs import save_safetensors_atomic
+    from prunekit.io.atomic import save_safetensors_atomic
     save_safetensors_atomic(teacher.state_dict(), tmp_path / "teacher.safetensors")
     run = tmp_path / "run"
     script = tmp_path / "worker.py"

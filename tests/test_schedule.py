@@ -1,14 +1,13 @@
 """Schedules: the step arithmetic, plan composition, masks accumulating, the quality gate."""
-import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
 import prunekit as pk
-from prunekit import schedule as SC
+from prunekit.run import schedule as SC
 from prunekit.sparse import Sparse
-from prunekit.structured import MACs, Structured
+from prunekit.structured.config import MACs, Structured
 
 
 def mlp():
@@ -40,7 +39,7 @@ def test_geometric_steps_compose_to_the_final_ratio():
     assert cfg.target.ratio == pytest.approx(0.5)
     assert SC.step_config(Structured(ratio={"a": 0.75}), 2, 2).ratio == {"a": pytest.approx(0.5)}
     assert SC.step_config(Sparse(sparsity=0.75), 2, 1).sparsity == pytest.approx(0.5)
-    from prunekit.latency import Latency
+    from prunekit.structured.latency import Latency
     assert SC.step_config(Structured(target=Latency(speedup=4.0)), 2, 1).target.speedup == pytest.approx(2.0)
 
 

@@ -10,10 +10,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import prunekit as pk  # noqa: E402
-from prunekit.calibrate import CalibrationDataError  # noqa: E402
-from prunekit.config import ConfigError, config_from_dict  # noqa: E402
-from prunekit.sparse import (InputStats, Sparse, bake, magnitude_mask, masks, owl_block_sparsity,  # noqa: E402
-                             parse_pattern, sparsegpt_prune, sparsity_stats, wanda_mask, wanda_scores)
+from prunekit.config import config_from_dict  # noqa: E402
+from prunekit.errors import (
+    CalibrationDataError,  # noqa: E402
+    ConfigError,
+)
+from prunekit.sparse import (  # noqa: E402
+    InputStats,
+    Sparse,
+    bake,
+    magnitude_mask,
+    masks,
+    owl_block_sparsity,
+    parse_pattern,
+    sparsegpt_prune,
+    sparsity_stats,
+    wanda_mask,
+    wanda_scores,
+)
 
 torch.set_num_threads(1)
 V = 64

@@ -6,8 +6,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-
-from helpers import (check_prunes, check_ratio_zero_identical, check_save_load, check_zero_channel_equivalence)
+from helpers import check_prunes, check_ratio_zero_identical, check_save_load, check_zero_channel_equivalence
 
 ALL = torchvision.models.list_models(module=torchvision.models)
 

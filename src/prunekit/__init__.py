@@ -1,24 +1,104 @@
-"""prunekit: prune trained PyTorch models into smaller dense models, recover, evaluate, export."""
-from .config import Config, ConfigError, config_from_dict
-from .api import PruneResult, prune
-from .graph import DependencyGraph, GraphError, Group
-from .structured import MACs, Params, Structured
-from .layers import Layers
-from .sparse import Sparse
-from .importance import Activation, BNScale, Fluctuation, Magnitude, Random, Taylor
-from .latency import Latency
-from .schedule import Evaluate, Gradual, Iterative, OneShot, run_schedule
-from .pipeline import Recipe, load_recipe, run_pipeline
-from .flops import count_macs, count_params
-from .io import LoadError, load, save
-from .evaluate import EvalResult, SliceComparison, TokenWindows, compare, compare_slices, evaluate
-from .measure import (decode_tokens_per_s, environment_info, measure_latency, model_stats, param_count,
-                      peak_memory, prefill_latency, size_on_disk)
-from .export import ExportError, UnsupportedHardwareError, export_onnx, quantize_int8, semi_structured_2to4
-from .report import RunRecorder, write_report
-from .recover import Recover, RecoverResult, RecoveryDiverged, recover
-from .runs import Run, RunError, resume
-from .zoo import fashion_mnist_cnn, resolve_model
-from . import calibrate, data, importance, runs, sparse, zoo
+"""prunekit: prune trained PyTorch models into smaller dense models, recover, evaluate, export.
 
-__version__ = "0.1.0"
+The pipeline, one subpackage per step (docs/architecture.md has the map):
+
+    graph/ -> structured/ | sparse/ | layers/ -> recover/ -> evaluate/ + measure/ -> report/ -> io/ + export/
+                                           run/ drives them as schedules and YAML recipes; cli.py is the command
+
+Everything a user needs is importable from here; optional dependencies (transformers, matplotlib, onnx) are
+imported only by the functions that use them.
+"""
+from prunekit.api import PruneResult, prune
+from prunekit.config import Config, config_from_dict
+from prunekit.errors import (
+    CalibrationDataError,
+    CompareError,
+    ConfigError,
+    DataError,
+    ExportError,
+    GraphError,
+    LoadError,
+    MetricError,
+    PrunekitError,
+    RecoveryDiverged,
+    ReportError,
+    RunError,
+    UnsupportedHardwareError,
+)
+from prunekit.evaluate import EvalResult, SliceComparison, TokenWindows, compare_slices, evaluate
+from prunekit.graph import DependencyGraph
+from prunekit.io import load, save
+from prunekit.layers import Layers
+from prunekit.measure import (
+    count_macs,
+    count_params,
+    decode_tokens_per_s,
+    environment_info,
+    measure_latency,
+    model_stats,
+    peak_memory,
+    prefill_latency,
+    size_on_disk,
+)
+from prunekit.recover import Recover, RecoverResult, recover, resume
+from prunekit.run.pipeline import Recipe, load_recipe, run_pipeline
+from prunekit.run.schedule import Evaluate, Gradual, Iterative, OneShot, run_schedule
+from prunekit.sparse import Sparse
+from prunekit.structured import (
+    Activation,
+    BNScale,
+    Fluctuation,
+    Latency,
+    MACs,
+    Magnitude,
+    Params,
+    Random,
+    Structured,
+    Taylor,
+)
+from prunekit.version import __version__
+
+# Names whose modules import heavy optional packages (matplotlib, onnx): loaded on first use.
+_LAZY = {
+    "export_onnx": "prunekit.export.onnx",
+    "quantize_int8": "prunekit.export.quantize",
+    "semi_structured_2to4": "prunekit.export.quantize",
+    "write_report": "prunekit.report.write",
+    "RunRecorder": "prunekit.report.recorder",
+}
+
+__all__ = [
+    # the verb and its result
+    "prune", "PruneResult", "Config", "config_from_dict", "DependencyGraph",
+    # what to remove
+    "Structured", "MACs", "Params", "Latency", "Sparse", "Layers",
+    # how to score it
+    "Magnitude", "Taylor", "Activation", "BNScale", "Fluctuation", "Random",
+    # schedules and recipes
+    "Iterative", "Gradual", "OneShot", "Evaluate", "run_schedule", "Recipe", "load_recipe", "run_pipeline",
+    # recovery
+    "recover", "Recover", "RecoverResult", "resume",
+    # evaluation and measurement
+    "evaluate", "compare_slices", "EvalResult", "SliceComparison", "TokenWindows", "measure_latency",
+    "peak_memory", "size_on_disk", "count_params", "count_macs", "model_stats", "prefill_latency",
+    "decode_tokens_per_s", "environment_info",
+    # files, export, report
+    "save", "load", *_LAZY,
+    # errors
+    "PrunekitError", "ConfigError", "GraphError", "LoadError", "RunError", "DataError", "ExportError",
+    "UnsupportedHardwareError", "RecoveryDiverged", "CalibrationDataError", "MetricError", "CompareError",
+    "ReportError",
+    "__version__",
+]
+
+
+def __getattr__(name):
+    import importlib
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:                                  # submodules: pk.data, pk.zoo, pk.sparse, ... on first use
+        return importlib.import_module(f"prunekit.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"prunekit.{name}":
+            raise
+    raise AttributeError(f"module 'prunekit' has no attribute '{name}'")

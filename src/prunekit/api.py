@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
-from .config import Config, get_handler
+from prunekit.config import Config, get_handler
 
 
 @dataclasses.dataclass

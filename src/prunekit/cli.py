@@ -18,6 +18,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from prunekit import data as pkdata
+from prunekit import io as pkio
+from prunekit.batch import split_batch
+from prunekit.errors import ConfigError, DataError, LoadError, ReportError, RunError
+from prunekit.evaluate.core import evaluate
+from prunekit.measure.latency import measure_latency
+from prunekit.report.write import write_report
+from prunekit.run.pipeline import load_recipe, run_pipeline
+from prunekit.zoo import ZOO, resolve_model
+
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
 
@@ -71,7 +81,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _model(spec: str, factory: Optional[str]):
-    from .zoo import ZOO, resolve_model
     looks_like_path = "/" in spec or spec.startswith(".") or spec.endswith(".safetensors")
     if spec not in ZOO and looks_like_path and ":" not in spec and not Path(spec).exists():
         raise CLIError(f"--model: path '{spec}' does not exist (give a zoo name {sorted(ZOO)}, a Hugging Face "
@@ -83,20 +92,18 @@ def _model(spec: str, factory: Optional[str]):
 
 
 def _data(spec: str, split: str, batch_size: Optional[int] = None, limit: Optional[int] = None):
-    from .data import DataError, load
     try:
-        return load(spec, split, batch_size=batch_size, limit=limit)
+        return pkdata.load(spec, split, batch_size=batch_size, limit=limit)
     except (DataError, FileNotFoundError, ImportError) as e:
         raise CLIError(f"--data '{spec}': {e}") from e
 
 
 def _load_pruned(model, path: str):
-    from .io import LoadError, load
     if not Path(path).is_dir():
         raise CLIError(f"--pruned: directory '{path}' does not exist (expected a folder written by pk.save, e.g. "
                        f"runs/x/model)")
     try:
-        return load(path, model=model)
+        return pkio.load(path, model=model)
     except LoadError as e:
         raise CLIError(f"--pruned '{path}': {e}") from e
 
@@ -105,9 +112,6 @@ def _load_pruned(model, path: str):
 
 
 def cmd_prune(a) -> int:
-    from .config import ConfigError
-    from .pipeline import load_recipe, run_pipeline
-    from .runs import RunError
     if not Path(a.recipe).is_file():
         raise CLIError(f"--recipe: file '{a.recipe}' does not exist")
     try:
@@ -129,7 +133,6 @@ def cmd_prune(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .evaluate import evaluate
     model = _model(a.model, a.factory)
     if a.pruned:
         model = _load_pruned(model, a.pruned)
@@ -141,9 +144,8 @@ def cmd_eval(a) -> int:
 
 def cmd_bench(a) -> int:
     import copy
+
     import torch
-    from .measure import measure_latency
-    from .recover.loop import split_batch
     try:
         sizes = [int(s) for s in a.batch_sizes.split(",")]
     except ValueError:
@@ -169,8 +171,6 @@ def cmd_bench(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from .report import write_report
-    from .report.recorder import ReportError
     if not Path(a.run_dir).is_dir():
         raise CLIError(f"run directory '{a.run_dir}' does not exist")
     try:

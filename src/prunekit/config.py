@@ -11,11 +11,9 @@ import difflib
 import typing
 from typing import Any, Callable, Dict, Type
 
+from prunekit.errors import ConfigError
+
 _CONFIGS: Dict[str, Type["Config"]] = {}
-
-
-class ConfigError(ValueError):
-    """A config field has a wrong name, type or value. The message names the field and what to do."""
 
 
 def register_config(cls):

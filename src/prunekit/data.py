@@ -39,6 +39,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from prunekit.errors import DataError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -46,10 +48,6 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 SPLITS = ("train", "test")
-
-
-class DataError(RuntimeError):
-    """A dataset is missing or a spec cannot be resolved; the message says what to install or change."""
 
 
 def cache_dir() -> Path:

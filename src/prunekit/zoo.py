@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import cache_dir, load as load_data, resolve_callable
-from .runs import save_safetensors_atomic
+from prunekit.data import cache_dir, resolve_callable
+from prunekit.data import load as load_data
+from prunekit.io.atomic import save_safetensors_atomic
 
 FASHION_MNIST_CNN_VERSION = "v1"   # bump when the architecture or training recipe changes (invalidates cache)
 

@@ -18,16 +18,13 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from .result import EvalResult, json_float
+from prunekit.errors import CompareError
+from prunekit.evaluate.result import EvalResult, json_float
 
 TOO_FEW = "too few to judge"
 FLAGGED = "flagged"
 OK = "ok"
 UNDEFINED = "undefined"
-
-
-class CompareError(ValueError):
-    """The two evaluations cannot be compared example by example."""
 
 
 @dataclasses.dataclass

@@ -17,11 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..measure import call_with_inputs
-
-
-class MetricError(ValueError):
-    """Data or model output does not fit the metric. The message says what was expected."""
+from prunekit.batch import call_with_inputs
+from prunekit.errors import MetricError
 
 
 @dataclasses.dataclass

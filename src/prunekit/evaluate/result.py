@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .metrics import AGGREGATES, _mean
+from prunekit.evaluate.metrics import AGGREGATES, _mean
 
 
 def json_float(v):

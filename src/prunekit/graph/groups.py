@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .tracer import Slot, Trace, trace
+from prunekit.graph.tracer import Trace, trace
 
 
 @dataclass

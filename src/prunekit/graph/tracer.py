@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -19,11 +18,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .labels import IdSpace, align, collapse, compress, reduce_to, tracked
-
-
-class GraphError(RuntimeError):
-    """The dependency graph could not be built (an op prunekit does not understand, an untraceable model)."""
+from prunekit.errors import GraphError
+from prunekit.graph.labels import IdSpace, align, collapse, compress, reduce_to, tracked
 
 
 @dataclass

@@ -1,13 +1,12 @@
-"""Recovery after pruning: fine-tune the pruned model towards the original (knowledge distillation, task
-loss, or both; optional feature matching and LoRA), on one process or a torchrun DDP job, resumable.
+"""Step 4, recovery: fine-tune the pruned model towards the original (knowledge distillation, task loss, or both;
+optional feature matching and LoRA), on one process or a torchrun DDP/FSDP job, resumable.
 
-    import prunekit as pk
     small = pk.recover(pruned, teacher=original, data=pk.data.load("fashion-mnist", limit=2048),
                        epochs=2, lr=1e-3, checkpoint_dir="runs/recover-1")
 """
-from .loop import RecoverResult, RecoveryDiverged, apply_lora, lr_at, recover
-from .losses import kd_loss, logits_of, task_loss
-from .options import Recover
+from prunekit.recover.loop import RecoverResult, apply_lora, lr_at, recover
+from prunekit.recover.losses import kd_loss
+from prunekit.recover.options import Recover
+from prunekit.recover.resume import resume
 
-__all__ = ["Recover", "RecoverResult", "RecoveryDiverged", "recover", "kd_loss", "task_loss", "logits_of",
-           "apply_lora", "lr_at"]
+__all__ = ["RecoverResult", "apply_lora", "lr_at", "recover", "kd_loss", "Recover", "resume"]

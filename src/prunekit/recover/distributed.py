@@ -12,6 +12,7 @@ from typing import Any, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def maybe_init_process_group() -> bool:

@@ -3,7 +3,6 @@ checkpoints and a non-finite-loss guard."""
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import math
 import sys
@@ -13,20 +12,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError
-from ..runs import Run, seed_everything
-from . import distributed as D
-from .losses import FeatureTap, feature_loss, kd_loss, logits_of, make_projection, task_loss
-from .options import Recover
-
-
-class RecoveryDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf. `.model` holds the restored last good weights, `.result` the
-    RecoverResult (status "diverged")."""
-
-    def __init__(self, message: str, model: nn.Module, result: "RecoverResult"):
-        super().__init__(message)
-        self.model, self.result = model, result
+from prunekit.batch import call_model, split_batch, to_device
+from prunekit.data import load
+from prunekit.errors import ConfigError, RecoveryDiverged
+from prunekit.objective import logits_of, task_loss
+from prunekit.recover import distributed as D
+from prunekit.recover.losses import FeatureTap, feature_loss, kd_loss, make_projection
+from prunekit.recover.options import Recover
+from prunekit.run.directory import Run, seed_everything
 
 
 @dataclasses.dataclass
@@ -67,39 +60,10 @@ class _Student(nn.Module):
         return out, feats
 
 
-def call_model(model: nn.Module, inputs: Any):
-    """dict -> model(**inputs) (Hugging Face style), tuple -> model(*inputs), anything else -> model(inputs)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
-
-
-def split_batch(batch: Any) -> Tuple[Any, Any]:
-    """A batch is `(inputs, targets)` (a tuple or list of two) or the inputs alone (targets None).
-
-    A list of two strings is inputs (two texts), not an (inputs, targets) pair."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not all(isinstance(b, str) for b in batch):
-        return batch[0], batch[1]
-    return batch, None
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(to_device(v, device) for v in obj)
-    return obj
-
-
 def _as_sequence(data: Any) -> Sequence:
     """Random-access batches: Batches/lists are used as they are; other iterables are read once into a
     list (so every epoch, and a resume, sees the same batches)."""
     if isinstance(data, str):
-        from ..data import load
         data = load(data, split="train")
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (dict, torch.Tensor)):
         seq = data

@@ -1,26 +1,13 @@
 """Loss pieces of recovery: logits extraction, temperature-scaled KD, task loss and feature matching."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model output: a tensor, an object with `.logits` (Hugging Face), a dict with
-    "logits", or the first element of a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits") and output.logits is not None:
-        return output.logits
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; return a tensor, "
-                    f"a tuple starting with logits, or an object with a .logits attribute")
+from prunekit.objective import logits_of
 
 
 def _rows(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -46,29 +33,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     t = _rows(teacher_logits, mask).float() / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
     return kl * temperature ** 2
-
-
-def model_loss(output: Any) -> Optional[torch.Tensor]:
-    """The loss a model computed itself (Hugging Face `.loss` / `["loss"]` when given `labels`), or None."""
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
-    return loss
-
-
-def task_loss(output: Any, targets: Any) -> torch.Tensor:
-    """Cross-entropy of the logits against integer targets ([B] or [B, L] with -100 ignored); without
-    targets, the `.loss` a Hugging Face model computed from `labels` in its inputs."""
-    if targets is None:
-        loss = model_loss(output)
-        if loss is None:
-            raise ValueError("loss='task' or 'mixed' needs targets: give batches as (inputs, targets), or inputs "
-                             "with 'labels' so the model returns .loss")
-        return loss
-    logits = logits_of(output)
-    if logits.dim() > 2:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
-    return F.cross_entropy(logits.float(), targets)
 
 
 def _feature_dim(x: torch.Tensor) -> int:

@@ -6,7 +6,8 @@ import dataclasses
 import difflib
 from typing import Any, Dict, List, Optional, Union
 
-from ..config import Config, ConfigError, check_type, register_config
+from prunekit.config import Config, check_type, register_config
+from prunekit.errors import ConfigError
 
 LOSSES = ("auto", "kd", "task", "mixed")
 ON_NONFINITE = ("raise", "stop")

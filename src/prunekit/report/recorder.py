@@ -5,15 +5,14 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
+
+from prunekit.errors import ReportError
+from prunekit.measure.env import environment_info
 
 SECTIONS = ("summary", "steps", "slices", "widths", "env")
 METRICS = "metrics.json"
 COMPLETE = "COMPLETE"
-
-
-class ReportError(ValueError):
-    """The run data cannot be read; the message says which file/key and what was expected."""
 
 
 def _clean(v):
@@ -52,7 +51,6 @@ class RunRecorder:
             os.remove(marker)  # a restarted run is not complete until it finishes again
         self.data: Dict[str, Any] = {"run": _clean(run or {})}
         if env:
-            from prunekit.measure import environment_info
             self.data["env"] = environment_info()
         self._write()
 

@@ -21,14 +21,40 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..api import PruneResult
-from ..calibrate import (POSITIONAL, _eval_mode, _forward_kwargs, _model_device, as_batches, call_batch, find_blocks,
-                         forward_parameters, run_layerwise, run_whole)
-from ..config import Config, ConfigError, check_type, register_config, register_handler
-from .algorithms import (InputStats, magnitude_mask, outlier_ratio, owl_block_sparsity, parse_pattern,
-                         sparsegpt_prune, wanda_mask, wanda_scores)
-from .masks import (apply_mask, bake, is_sparse_target, layer_input_rows, sparsity_stats, stored_weight,
-                    to_weight_layout, weight_2d)
+from prunekit.api import PruneResult
+from prunekit.batch import (
+    POSITIONAL,
+    _eval_mode,
+    _forward_kwargs,
+    _model_device,
+    as_batches,
+    call_batch,
+    forward_parameters,
+)
+from prunekit.calibrate.layerwise import find_blocks, run_layerwise, run_whole
+from prunekit.config import Config, check_type, register_config, register_handler
+from prunekit.errors import ConfigError
+from prunekit.objective import logits_of
+from prunekit.sparse.algorithms import (
+    InputStats,
+    magnitude_mask,
+    outlier_ratio,
+    owl_block_sparsity,
+    parse_pattern,
+    sparsegpt_prune,
+    wanda_mask,
+    wanda_scores,
+)
+from prunekit.sparse.masks import (
+    apply_mask,
+    bake,
+    is_sparse_target,
+    layer_input_rows,
+    sparsity_stats,
+    stored_weight,
+    to_weight_layout,
+    weight_2d,
+)
 
 log = logging.getLogger("prunekit.sparse")
 
@@ -456,7 +482,6 @@ def _probe_loss(model: nn.Module, batches, dense_outputs) -> Tuple[float, list]:
     """Mean calibration loss over `batches`: a language model's own next-token loss (labels = input_ids) when
     its forward takes labels; otherwise the relative squared error of the outputs against `dense_outputs`
     (None: this is the dense run, whose outputs are returned as the reference and whose loss is 0)."""
-    from ..recover.losses import logits_of
     device = _model_device(model)
     takes_labels = "labels" in (forward_parameters(model) or ())
     total, outs = 0.0, []

@@ -1,14 +1,4 @@
-"""Save and load pruned models: safetensors weights + a JSON plan. No pickle anywhere.
-
-Layout of a saved directory:
-    plan.json           what was cut: {"format", "kept": {tensor: {dim: kept indices}}, "attrs": [...], ...}
-    model.safetensors   the pruned model's state_dict (tied tensors stored once)
-    prunekit.json       {"prunekit_version", "files": {name: sha256}} for integrity checks
-
-`load(dir, model=fresh_original)` replays the plan on a fresh instance of the original architecture (slicing
-its tensors to the pruned shapes, fixing module attributes) and then loads the saved weights, strictly.
-Loading never executes code from the files: JSON and safetensors only.
-"""
+"""The pieces of the saved format that loaders share: file names, state dicts with tied tensors once, plan replay."""
 from __future__ import annotations
 
 import hashlib
@@ -19,16 +9,16 @@ from typing import Any, Dict, Optional, Union
 import torch
 import torch.nn as nn
 
-from .runs import atomic_write_json, save_safetensors_atomic
-from .surgery import apply_kept
+from prunekit.errors import LoadError
+from prunekit.io.atomic import save_safetensors_atomic
+from prunekit.layers.depth import replay_layers
+from prunekit.models import hf
+from prunekit.nn import convert_mha
+from prunekit.structured.surgery import apply_kept
 
 PLAN = "plan.json"
 WEIGHTS = "model.safetensors"
 META = "prunekit.json"
-
-
-class LoadError(RuntimeError):
-    """A saved prunekit directory is missing files, corrupt, or does not fit the given model."""
 
 
 def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -74,30 +64,6 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(result, path: Union[str, Path]) -> Path:
-    """Write `result.model` (safetensors) and `result.plan` (JSON) into directory `path`.
-
-    Hugging Face models are written as a Hugging Face directory (see prunekit.hf) as well."""
-    from . import __version__
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model = result.model if hasattr(result, "model") else result
-    plan = getattr(result, "plan", None) or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}
-    hf_save = getattr(model, "save_pretrained", None)
-    if callable(hf_save) and plan.get("format", "").startswith(("prunekit.structured", "prunekit.layers",
-                                                                 "prunekit.sparse")):
-        try:
-            from .hf import save_hf
-            save_hf(model, plan, path)
-        except ImportError:
-            pass
-    atomic_write_json(path / PLAN, plan)
-    save_weights(model, path / WEIGHTS, metadata={"format": "pt"})
-    atomic_write_json(path / META, {"prunekit_version": __version__,
-                                    "files": {n: _sha(path / n) for n in (PLAN, WEIGHTS)}})
-    return path
-
-
 def read_plan(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
@@ -127,10 +93,8 @@ def read_plan(path: Union[str, Path]) -> Dict[str, Any]:
 def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     """Apply a saved structured plan to a fresh model of the original architecture (in place)."""
     if plan.get("format", "").startswith("prunekit.layers"):
-        from .layers import replay_layers
         return replay_layers(model, plan)
     if plan.get("convert_mha"):
-        from .nn import convert_mha
         convert_mha(model, plan["convert_mha"])
     kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
     try:
@@ -138,34 +102,11 @@ def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
         for name in plan.get("add_bias", []):       # biases created by bias compensation; values come from the file
             lin = model.get_submodule(name)
             lin.bias = nn.Parameter(torch.zeros(lin.weight.shape[0], dtype=lin.weight.dtype))
-        from . import hf
         if hf.is_hf(model):
             hf.after_surgery(model, model.config)
     except (KeyError, AttributeError, IndexError, RuntimeError) as e:
         raise LoadError(f"pk.load: the plan does not fit this model ({e}); pass the same architecture the "
                         f"pruned model was made from") from e
-    return model
-
-
-def load(path: Union[str, Path], model: Optional[nn.Module] = None, strict: bool = True) -> nn.Module:
-    """Rebuild a pruned model saved by `pk.save`.
-
-    model: a fresh instance of the original (unpruned) architecture; its weights are replaced. For Hugging Face
-           directories written by pk.save it may be omitted (the pruned config is read from the directory).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = Path(path)
-    plan = read_plan(path)
-    if model is None:
-        from .hf import load_hf
-        return load_hf(path, plan)
-    replay(model, plan)
-    try:
-        sd = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LoadError(f"pk.load: '{path / WEIGHTS}' is not a readable safetensors file ({e})") from e
-    load_state(model, sd, strict=strict, where=str(path / WEIGHTS))
     return model
 
 

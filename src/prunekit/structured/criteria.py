@@ -6,7 +6,7 @@ default, normalized per member so a large weight matrix does not drown a norm's 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 

@@ -1,4 +1,4 @@
-"""`python -m prunekit.demo` (`make demo`): prune the real all-MiniLM-L6-v2 sentence encoder end to end.
+"""`python examples/demo.py` (`make demo`): prune the real all-MiniLM-L6-v2 sentence encoder end to end.
 
 What it shows, with every number measured on this machine in this process:
 
@@ -396,7 +396,7 @@ def summary_row(variant: str, model: nn.Module, evals: Dict[str, pk.EvalResult],
     return {"variant": variant, "quality": evals["lee"].value,
             "probe_accuracy": evals["polarity_label"].value, "latency_ms": latency_ms,
             "memory_bytes": mem["torch_peak_bytes"], "size_bytes": pk.size_on_disk(model),
-            "params": pk.param_count(model)}
+            "params": pk.count_params(model)}
 
 
 def _forward_no_grad(model, inputs):
@@ -566,7 +566,7 @@ def run(out_dir: str = "runs/demo", settings: Optional[Settings] = None, quiet: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m prunekit.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="run/report directory (default runs/demo)")
     ap.add_argument("--quick", action="store_true", help="same code path, fewer candidates/reps/steps (tests)")
     ap.add_argument("--speedup-goal", type=float, default=None,

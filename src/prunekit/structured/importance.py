@@ -25,17 +25,17 @@ grows when each group alone is pruned, and returns per-group ratios (a `{regex: 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from . import scores as S
-from .config import Config, ConfigError, check_type, register_config
+from prunekit.batch import _bar, call_model, split_batch
+from prunekit.config import Config, check_type, config_from_dict, register_config
+from prunekit.errors import ConfigError
+from prunekit.objective import _calibration_batches, batch_loss
+from prunekit.structured import criteria as S
 
 AGGS = ("sum", "mean", "max")
 NORMS = ("mean", "max", "sum", None)
@@ -120,97 +120,6 @@ def activation_stats(out: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.T
     return a.abs().sum(0).double(), (a <= 0).sum(0).double(), a.shape[0]
 
 
-def geometric_budget(ratio: float, steps: int, k: int) -> float:
-    """Fraction of the *original* units removed after k of `steps` equal geometric steps reaching `ratio`."""
-    return 1.0 - (1.0 - ratio) ** (k / steps)
-
-
-def inverse_sensitivity_ratios(sens: Sequence[float], sizes: Sequence[int], ratio: float, max_ratio: float,
-                               eps: Optional[float] = None) -> List[float]:
-    """Per-group ratios proportional to 1 / (sensitivity + eps), scaled so that the removed units add up
-    to `ratio` of all units (the same budget as a uniform ratio), each capped at `max_ratio`.
-
-    Groups whose loss did not grow (sensitivity <= 0) count as sensitivity 0, i.e. the cheapest to prune.
-    eps defaults to 5% of the mean positive sensitivity, so a free group does not take the whole budget."""
-    s = [max(0.0, float(v)) for v in sens]
-    pos = [v for v in s if v > 0]
-    eps = eps if eps is not None else (0.05 * sum(pos) / len(pos) if pos else 1.0)
-    w = [1.0 / (v + eps) for v in s]
-    total, budget = float(sum(sizes)), ratio * float(sum(sizes))
-    if budget <= 0:
-        return [0.0] * len(s)
-
-    def removed(c):
-        return sum(min(max_ratio, c * wi) * n for wi, n in zip(w, sizes))
-
-    lo, hi = 0.0, 1.0
-    while removed(hi) < budget and hi < 1e12:
-        hi *= 2
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if removed(mid) < budget else (lo, mid)
-    return [min(max_ratio, hi * wi) for wi in w]
-
-
-# --------------------------------------------------------------------------------------------- calibration
-
-
-def default_loss(output: Any, targets: Any) -> torch.Tensor:
-    """Cross-entropy on logits when targets are given, else the output's own `.loss` (Hugging Face models
-    called with labels). Anything else needs an explicit `loss_fn`."""
-    from .recover.losses import logits_of, model_loss
-    if targets is not None:
-        logits = logits_of(output)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
-    loss = model_loss(output)
-    if loss is None:
-        raise ValueError("Taylor/sensitivity: the calibration batches have no targets and the model output has "
-                         "no .loss; pass loss_fn=lambda output, targets: ... or batches of (inputs, targets)")
-    return loss
-
-
-def _calibration_batches(data, n: Optional[int]) -> list:
-    if data is None:
-        raise ValueError("this importance criterion is data-aware: give it calibration batches, e.g. "
-                         "Taylor(data=prunekit.data.load('fashion-mnist', limit=512)) (a recipe gets the run's "
-                         "calibration data automatically)")
-    if isinstance(data, str):
-        from .data import load
-        data = load(data, split="train")
-    out = []
-    for b in data:
-        if n is not None and len(out) >= n:
-            break
-        out.append(b)
-    if not out:
-        raise ValueError("the calibration data holds no batches")
-    return out
-
-
-def _bar(iterable, desc: str, quiet: bool):
-    import sys
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, disable=quiet or not sys.stderr.isatty(), leave=False)
-
-
-def batch_loss(model: nn.Module, batch, loss_fn: Optional[Callable] = None) -> torch.Tensor:
-    from .recover.loop import call_model, split_batch
-    inputs, targets = split_batch(batch)
-    out = call_model(model, inputs)
-    return (loss_fn or default_loss)(out, targets)
-
-
-def mean_loss(model: nn.Module, batches: list, loss_fn: Optional[Callable] = None) -> float:
-    """Mean calibration loss in eval mode without gradients (BatchNorm statistics untouched)."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return float(sum(float(batch_loss(model, b, loss_fn)) for b in batches) / len(batches))
-    finally:
-        model.train(was)
-
-
 def accumulate_taylor(model: nn.Module, batches: list, wanted: Iterable[Tuple[str, int]],
                       loss_fn: Optional[Callable] = None, quiet: bool = True) -> ChannelValues:
     """Sum over batches of |sum over each channel slice of w * dL/dw| for every (param name, dim) wanted.
@@ -252,7 +161,6 @@ def accumulate_taylor(model: nn.Module, batches: list, wanted: Iterable[Tuple[st
 def _run_hooked(model: nn.Module, batches: list, hooks: list, desc: str, quiet: bool) -> None:
     """Run the calibration batches in eval mode without gradients so `hooks` see them; always remove the
     hooks and restore the training mode."""
-    from .recover.loop import call_model, split_batch
     was = model.training
     model.eval()
     try:
@@ -616,7 +524,6 @@ class Fluctuation(Importance):
 def resolve(importance) -> Any:
     """A `Structured.importance` value as used by prunekit: strings stay strings, dicts become configs."""
     if isinstance(importance, dict):
-        from .config import config_from_dict
         return config_from_dict(importance)
     return importance
 
@@ -629,51 +536,3 @@ def prepare(importance, model: nn.Module, graph, data=None, loss_fn=None):
     if hasattr(importance, "prepare"):
         importance.prepare(model, graph)
     return importance
-
-
-# --------------------------------------------------------------------------------------------- sensitivity
-
-
-def group_key(group) -> Optional[str]:
-    """A regex that `Structured.ratio` matches to exactly this group (its first producer module)."""
-    return "^" + re.escape(group.producers[0]) + "$" if group.producers else None
-
-
-def measure_sensitivity(model: nn.Module, graph, scores: Dict[int, torch.Tensor], ratio: float, data,
-                        loss_fn: Optional[Callable] = None, batches: int = 4, quiet: bool = True
-                        ) -> Dict[int, float]:
-    """{group index: calibration-loss increase when only that group loses `ratio` of its lowest-scored
-    units}. Each probe cuts a copy of the model (real surgery, so any architecture the graph handles works)."""
-    from .structured import remove_units
-    cal = _calibration_batches(data, batches)
-    base = mean_loss(model, cal, loss_fn)
-    out = {}
-    for g in _bar(graph.groups, "sensitivity", quiet):
-        n_rm = min(g.n_units - 1, int(math.floor(ratio * g.n_units + 1e-9)))
-        if n_rm <= 0 or group_key(g) is None:
-            continue
-        order = torch.argsort(scores[g.index], stable=True)
-        mask = torch.zeros(g.n_units, dtype=torch.bool)
-        mask[order[:n_rm]] = True
-        pruned, _, _ = remove_units(model, graph, {g.index: mask})
-        out[g.index] = mean_loss(pruned, cal, loss_fn) - base
-    return out
-
-
-def sensitivity_ratios(model: nn.Module, example_inputs, data, ratio: float = 0.5, importance="l2",
-                       max_ratio: float = 0.9, loss_fn: Optional[Callable] = None, batches: int = 4,
-                       quiet: bool = True) -> Dict[str, float]:
-    """Sensitivity-based allocation: `{group regex: ratio}` for `pk.Structured(ratio=...)`.
-
-    Measures each group's sensitivity at `ratio` (see `measure_sensitivity`), then sets per-group ratios
-    inversely proportional to it with the same total number of removed units as a uniform `ratio`."""
-    from .graph.groups import DependencyGraph
-    from .structured import Structured, group_scores
-    graph = DependencyGraph(model, example_inputs)
-    imp = prepare(resolve(importance), model, graph, data, loss_fn)
-    cfg = Structured(ratio=ratio, importance=imp)
-    sc = group_scores(graph, cfg, {**graph.params, **graph.buffers})
-    sens = measure_sensitivity(model, graph, sc, ratio, data, loss_fn, batches, quiet)
-    groups = [graph.groups[i] for i in sens]
-    rs = inverse_sensitivity_ratios([sens[g.index] for g in groups], [g.n_units for g in groups], ratio, max_ratio)
-    return {group_key(g): float(r) for g, r in zip(groups, rs)}

@@ -31,8 +31,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import scores as S
-from .config import Config, ConfigError, check_type, register_config
+from prunekit.batch import _bar
+from prunekit.config import Config, check_type, register_config
+from prunekit.errors import ConfigError
+from prunekit.measure.latency import _first_dim, make_batch, measure_latency
+from prunekit.structured import criteria as S
+from prunekit.structured.allocate import _min_keep, _round_keep, allocate
+from prunekit.structured.cut import remove_units
 
 ALLOCATIONS = ("cost", "uniform")
 STATISTICS = ("median", "min")
@@ -101,7 +106,6 @@ class Latency(Config):
 
 def measured_timer(threads: int = 1, reps: int = 15, warmup: int = 3, statistic: str = "median") -> Timer:
     """The real timer: `prunekit.measure.measure_latency` (interleaved, pinned threads), seconds per call."""
-    from .measure import measure_latency
 
     def timer(models: Dict[str, nn.Module], inputs) -> Dict[str, float]:
         res = measure_latency(models, inputs, batch_sizes=(_batch_of(inputs),), threads=threads,
@@ -112,7 +116,6 @@ def measured_timer(threads: int = 1, reps: int = 15, warmup: int = 3, statistic:
 
 
 def _batch_of(inputs) -> int:
-    from .measure import _first_dim
     return int(_first_dim(inputs))
 
 
@@ -192,7 +195,6 @@ def bisect_count(speedup_at: Callable[[int], float], hi: int, target: float, tol
 
 
 def _caps(graph, cfg, lat: Latency) -> Dict[int, int]:
-    from .structured import _min_keep, _round_keep
     caps = {}
     limit = min(lat.max_ratio, cfg.max_ratio_per_layer)
     for g in graph.groups:
@@ -204,7 +206,6 @@ def _caps(graph, cfg, lat: Latency) -> Dict[int, int]:
 
 def _apply_round_to(graph, removed: Dict[int, torch.Tensor], scores, round_to: int) -> Dict[int, torch.Tensor]:
     """Give back the highest-scored removed units until every kept count is a multiple of round_to."""
-    from .structured import _round_keep
     if round_to <= 1:
         return removed
     out = {}
@@ -224,8 +225,6 @@ def _apply_round_to(graph, removed: Dict[int, torch.Tensor], scores, round_to: i
 def probe_costs(model: nn.Module, graph, scores, probe_ratio: float, caps: Dict[int, int], timer: Timer,
                 inputs, quiet: bool = True) -> Dict[int, float]:
     """{group: seconds saved per removed unit} from timing the model with each group alone cut."""
-    from .importance import _bar
-    from .structured import remove_units
     costs = {}
     for g in _bar(graph.groups, "latency probes", quiet):
         n = min(caps[g.index], max(1, int(round(probe_ratio * g.n_units))))
@@ -250,8 +249,6 @@ def allocate_for_latency(model: nn.Module, graph, scores: Dict[int, torch.Tensor
     latency_evaluations (the search history) and latency_costs_ms_per_unit.
     timer / final_timer: `(models, inputs) -> {name: seconds}`; default the real interleaved timer (the final
     check with 3 x reps). Tests pass a deterministic fake."""
-    from .measure import make_batch
-    from .structured import allocate, remove_units
     lat: Latency = cfg.target
     if timer is None:
         timer = measured_timer(lat.threads, lat.reps, lat.warmup, lat.statistic)

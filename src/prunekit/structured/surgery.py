@@ -10,6 +10,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from prunekit.nn import MultiheadAttention
+
 
 def _owners(model: nn.Module, remove_duplicate=False):
     """(module, attr name, qualified name) for every parameter and buffer, tied ones included."""
@@ -76,12 +78,10 @@ KNOWN_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBas
 
 def is_known_module(m: nn.Module) -> bool:
     """Modules whose size attributes `_fix_module_attrs` derives from their weights."""
-    from .nn import MultiheadAttention
     return isinstance(m, KNOWN_TYPES + (MultiheadAttention,)) or type(m).__name__ == "Conv1D"
 
 
 def _fix_module_attrs(model: nn.Module, conv_old):
-    from .nn import MultiheadAttention
     for name, m in model.named_modules():
         if isinstance(m, MultiheadAttention):
             m.num_heads = m.q_proj.weight.shape[0] // m.head_dim

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,11 +43,15 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import importance as _importance, latency as _latency, sparse as _sparse  # noqa: F401  (register configs)
-from .config import Config, ConfigError, check_type, config_from_dict, register_config
-from .recover import Recover, RecoveryDiverged
-from .runs import Run, RunError, atomic_write_text, seed_everything
-from .schedule import Evaluate, Executor, GateFailed, Step, expand
+from prunekit.api import PruneResult
+from prunekit.batch import split_batch
+from prunekit.config import Config, check_type, config_from_dict, register_config
+from prunekit.errors import ConfigError, RecoveryDiverged, RunError
+from prunekit.io.format import load, save
+from prunekit.report.recorder import RunRecorder
+from prunekit.run.directory import Run, seed_everything
+from prunekit.run.schedule import Executor, GateFailed, Step, expand
+from prunekit.sparse.masks import bake, masks, remask_from_zeros
 
 STAGE_KINDS = ("prune", "recover", "evaluate", "schedule")
 _STAGE_DEFAULT_TYPE = {"recover": "Recover", "evaluate": "Evaluate"}
@@ -185,9 +188,6 @@ def _bar(total: int, initial: int, quiet: bool):
 
 def _save_model(model: nn.Module, plan, path: Path) -> None:
     """pk.save of a model (masks baked in a copy, so pk.load into the original architecture works)."""
-    from .api import PruneResult
-    from .io import save
-    from .sparse.masks import bake, masks
     if masks(model):
         model = copy.deepcopy(model)
         bake(model)
@@ -215,8 +215,6 @@ def run_pipeline(model: nn.Module, recipe: Union[Recipe, str, Path, dict], *, tr
     resume: continue the run in `out` from its latest checkpoint (same recipe and data required).
     describe: free-form {"model": ..., "data": ...} stored in config.json and the report.
     stop_after: stop (as if killed) after this many steps; used to test resume."""
-    from .recover.loop import split_batch
-    from .report import RunRecorder
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
@@ -241,8 +239,6 @@ def run_pipeline(model: nn.Module, recipe: Union[Recipe, str, Path, dict], *, tr
         ex.load_state(st["executor"], weights)
         start = st["next_step"]
         if (out / "last_good").is_dir():
-            from .io import load
-            from .sparse.masks import remask_from_zeros
             good_masked = list(st.get("last_good_masked") or [])
             good = load(out / "last_good", model=copy.deepcopy(original))     # saved baked: masks come back
             remask_from_zeros(good, good_masked)                                # from its zeros

@@ -22,14 +22,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .config import Config, ConfigError, check_type, register_config
-from .recover import Recover
+from prunekit.api import prune
+from prunekit.batch import split_batch
+from prunekit.config import Config, check_type, register_config
+from prunekit.errors import ConfigError
+from prunekit.evaluate.core import evaluate
+from prunekit.graph.groups import DependencyGraph
+from prunekit.io.state import load_state, replay
+from prunekit.measure.latency import measure_latency
+from prunekit.recover.loop import recover
+from prunekit.recover.options import Recover
+from prunekit.sparse.masks import SparseMask
+from prunekit.sparse.prune import Sparse
+from prunekit.sparse.prune import Sparse as _Sparse
+from prunekit.structured import importance as I
+from prunekit.structured.config import MACs, Params, Structured
+from prunekit.structured.sensitivity import sensitivity_ratios
 
 GATE_METRICS = ("accuracy", "perplexity")
 
@@ -93,8 +106,6 @@ class Iterative(Config):
     metric: str = "accuracy"
 
     def __post_init__(self):
-        from .sparse import Sparse
-        from .structured import Structured
         if not isinstance(self.prune, (Structured, Sparse)):
             raise ConfigError(f"Iterative.prune must be a Structured or Sparse config, got {self.prune!r}")
         _check_schedule("Iterative", self.steps, self.recover, self.max_drop)
@@ -124,7 +135,6 @@ class Gradual(Config):
     metric: str = "accuracy"
 
     def __post_init__(self):
-        from .sparse import Sparse
         for n in ("sparsity", "initial_sparsity"):
             v = getattr(self, n)
             check_type("Gradual", n, v, (int, float), "a number in [0, 1)")
@@ -162,8 +172,6 @@ def cumulative_ratio(ratio: float, steps: int, k: int) -> float:
 
 def step_config(cfg: Config, steps: int, k: int) -> Config:
     """The config that step k (1-based) of an iterative schedule applies to the model left by step k-1."""
-    from .sparse import Sparse
-    from .structured import MACs, Params, Structured
     if steps == 1:
         return cfg
     if isinstance(cfg, Sparse):
@@ -199,8 +207,6 @@ class Step:
 
 def expand(stage: Config, label: str = "", options: Optional[Dict[str, Any]] = None) -> List[Step]:
     """A stage (a prune config, Recover, Evaluate, Iterative, Gradual) as a flat list of steps."""
-    from .sparse import Sparse
-    from .structured import Structured
     options = options or {}
     if isinstance(stage, (Structured, Sparse)):
         return [Step("prune", stage, label or "prune", dict(options))]
@@ -214,7 +220,6 @@ def expand(stage: Config, label: str = "", options: Optional[Dict[str, Any]] = N
             if isinstance(stage, Iterative):
                 cfg = step_config(stage.prune, stage.steps, k)
             else:
-                from .sparse import Sparse as _Sparse
                 tmpl = stage.prune or _Sparse()
                 cfg = dataclasses.replace(tmpl, sparsity=cubic_sparsity(k, stage.steps, stage.sparsity,
                                                                         stage.initial_sparsity))
@@ -251,16 +256,6 @@ def compose_plans(first: Optional[Dict[str, Any]], second: Dict[str, Any]) -> Di
             "steps": list(first.get("steps", [])) + [second.get("config")]}
 
 
-# --------------------------------------------------------------------------------------------- execution
-
-
-@dataclasses.dataclass
-class StepRecord:
-    label: str
-    kind: str
-    values: Dict[str, Any]
-
-
 class GateFailed(Exception):
     """Raised inside the executor when a quality gate fails (handled by callers: keep the last good model)."""
 
@@ -295,7 +290,6 @@ class Executor:
 
     def load_state(self, st: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> None:
         """Rebuild the model from the original + plan + masks, then load `weights` (a checkpoint)."""
-        from .io import load_state, replay
         self.plan, self.masked = st["plan"], list(st["masked"])
         self.dense_metric, self.last_good_step = dict(st["dense_metric"]), st["last_good_step"]
         self.history = list(st["history"])
@@ -311,11 +305,8 @@ class Executor:
         return values
 
     def _prune(self, i: int, step: Step) -> Dict[str, Any]:
-        from .api import prune
-        from .sparse import Sparse
         cfg = step.config
         if isinstance(cfg, Sparse):
-            from .recover.loop import split_batch
             data = [split_batch(b)[0] for b in self._calibration()] if cfg.needs_data else None
             res = prune(self.model, cfg, data=data)
             self.model = res.model
@@ -334,8 +325,6 @@ class Executor:
 
     def _prepare_structured(self, cfg, step: Step):
         """Trace once, run data-aware importance calibration, apply sensitivity allocation if asked."""
-        from . import importance as I
-        from .graph.groups import DependencyGraph
         self.model.eval()
         self._graph = DependencyGraph(self.model, self.example_inputs, ignore=cfg.ignore)
         imp = I.resolve(cfg.importance)
@@ -346,8 +335,8 @@ class Executor:
             if isinstance(cfg.ratio, dict) or cfg.target is not None:
                 raise ConfigError(f"step '{step.label}': allocation: sensitivity needs a single float ratio and "
                                   f"no target")
-            ratios = I.sensitivity_ratios(self.model, self.example_inputs, self._calibration(), cfg.ratio, imp,
-                                          cfg.max_ratio_per_layer, self.loss_fn, quiet=self.quiet)
+            ratios = sensitivity_ratios(self.model, self.example_inputs, self._calibration(), cfg.ratio, imp,
+                                        cfg.max_ratio_per_layer, self.loss_fn, quiet=self.quiet)
             cfg = dataclasses.replace(cfg, ratio=ratios)
         return cfg
 
@@ -357,7 +346,6 @@ class Executor:
         return [b for _, b in zip(range(self.calibration_batches), self.train)]
 
     def _recover(self, i: int, step: Step) -> Dict[str, Any]:
-        from .recover import recover
         if self.train is None:
             raise ValueError(f"step '{step.label}' (recover) needs training data: pass train= batches")
         teacher = self.original if self.distill else None
@@ -368,7 +356,6 @@ class Executor:
         return {"loss": res.history[-1]["loss"] if res.history else None, "steps": res.steps}
 
     def metric(self, model: nn.Module, cfg: Evaluate) -> float:
-        from .evaluate import evaluate
         if self.val is None:
             raise ValueError("evaluation needs validation data: pass val= batches")
         return float(evaluate(model, self.val, cfg.metric, max_batches=cfg.max_batches).value)
@@ -383,7 +370,6 @@ class Executor:
                "drop": quality_drop(dense, value, cfg.metric),
                "params": sum(p.numel() for p in self.model.parameters())}
         if cfg.latency:
-            from .measure import measure_latency
             lat = measure_latency({"dense": self.original, "pruned": self.model}, self.example_inputs,
                                   batch_sizes=(cfg.batch_size,), threads=cfg.threads)
             out.update(dense_ms=lat.get_row("dense", cfg.batch_size)["median_ms"],
@@ -412,8 +398,6 @@ class Executor:
 def rebuild(original: nn.Module, plan: Optional[Dict[str, Any]], masked: List[str]) -> nn.Module:
     """A copy of `original` with the plan's shapes and empty (all-keep) masks on `masked` layers, ready to
     receive a checkpoint's weights."""
-    from .io import replay
-    from .sparse.masks import SparseMask
     from torch.nn.utils import parametrize
     model = copy.deepcopy(original)
     if plan:

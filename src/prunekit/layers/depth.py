@@ -17,8 +17,11 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn as nn
 
-from .api import PruneResult
-from .config import Config, ConfigError, register_config, register_handler
+from prunekit.api import PruneResult
+from prunekit.batch import as_batches
+from prunekit.calibrate.layerwise import find_blocks
+from prunekit.config import Config, register_config, register_handler
+from prunekit.errors import ConfigError
 
 IMPORTANCES = ("block_influence", "angular", "greedy_loss")
 
@@ -38,12 +41,10 @@ class Layers(Config):
 
 
 def _blocks(model: nn.Module):
-    from .calibrate import find_blocks
     return find_blocks(model)
 
 
 def _batches(data):
-    from .calibrate import as_batches
     return as_batches(data, what="Layers data")
 
 

@@ -1,0 +1,186 @@
+"""TODO"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from prunekit.errors import CalibrationDataError
+
+
+def _bar(iterable, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, disable=quiet or not sys.stderr.isatty(), leave=False)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+POSITIONAL = "__positional__"     # key of a batch whose inputs are passed positionally: model(*batch[POSITIONAL])
+
+
+def as_batches(data: Any, *, what: str = "data", model: Optional[nn.Module] = None) -> List[Dict[str, Any]]:
+    """Check calibration data and return it as a list of forward-kwargs dicts.
+
+    Accepts an iterable (list, generator, DataLoader, ...) whose items are an integer `input_ids` tensor of
+    shape (B, T), a dict of forward keyword arguments (`{"input_ids": ..., "attention_mask": ...}`), or -- for
+    a model whose forward does not start with `input_ids` (a CNN, any plain module) -- a float input tensor
+    passed positionally, or an `(inputs, targets)` pair whose targets are ignored.
+    Raises CalibrationDataError naming the offending batch; the iterable is consumed once.
+    """
+    if data is None:
+        raise CalibrationDataError(f"{what} is required: pass calibration batches, e.g. "
+                                   f"data=[tokenizer(text, return_tensors='pt').input_ids]")
+    if isinstance(data, torch.Tensor):
+        raise CalibrationDataError(f"{what} must be an iterable of batches, got a single tensor of shape "
+                                   f"{tuple(data.shape)}; wrap it in a list: {what}=[input_ids]")
+    if isinstance(data, (str, bytes, dict)):
+        raise CalibrationDataError(f"{what} must be an iterable of batches (tensors or dicts), got a single "
+                                   f"{type(data).__name__}; tokenize text first and wrap one batch in a list")
+    try:
+        items = list(data)
+    except TypeError:
+        raise CalibrationDataError(f"{what} must be an iterable of batches, got {type(data).__name__}") from None
+    if not items:
+        raise CalibrationDataError(f"{what} is empty: pass at least one calibration batch")
+    positional = model is not None and not _takes_input_ids(model)
+    return [_as_kwargs(b, f"{what}[{i}]", positional) for i, b in enumerate(items)]
+
+
+def forward_parameters(model: nn.Module) -> Optional[List[str]]:
+    """Names of `model.forward`'s parameters in order, or None when its signature cannot be read."""
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _takes_input_ids(model: nn.Module) -> bool:
+    """Whether the forward's first parameter is `input_ids` (a language model) -- then a tensor batch must be
+    token ids. Otherwise tensors are positional inputs. Unreadable signatures count as language models."""
+    params = forward_parameters(model)
+    return params is None or (bool(params) and params[0] == "input_ids")
+
+
+def _as_kwargs(batch: Any, where: str, positional: bool = False) -> Dict[str, Any]:
+    if positional and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        batch = batch[0]                                         # (inputs, targets): calibration needs inputs only
+    if isinstance(batch, torch.Tensor):
+        if positional:
+            if batch.dim() == 0 or batch.numel() == 0:
+                raise CalibrationDataError(f"{where} is an empty or 0-d tensor {tuple(batch.shape)}; expected a "
+                                           f"batch of model inputs with the batch dimension first")
+            return {POSITIONAL: (batch,)}
+        _check_ids(batch, where)
+        return {"input_ids": batch}
+    if isinstance(batch, dict):
+        if not batch or not any(isinstance(v, torch.Tensor) for v in batch.values()):
+            raise CalibrationDataError(f"{where} is a dict without tensors; expected forward kwargs such as "
+                                       f"{{'input_ids': LongTensor (B, T), 'attention_mask': ...}}")
+        if not all(isinstance(k, str) for k in batch):
+            raise CalibrationDataError(f"{where} has non-string keys {list(batch)}; keys must be forward argument names")
+        if "input_ids" in batch:
+            _check_ids(batch["input_ids"], f"{where}['input_ids']")
+        if "inputs_embeds" in batch:
+            e = batch["inputs_embeds"]
+            if not isinstance(e, torch.Tensor) or e.dim() != 3 or not e.is_floating_point() or e.numel() == 0:
+                raise CalibrationDataError(f"{where}['inputs_embeds'] must be a non-empty float tensor (B, T, hidden)")
+        return dict(batch)
+    raise CalibrationDataError(f"{where} has type {type(batch).__name__}; each batch must be an input_ids "
+                               f"LongTensor of shape (B, T) or a dict of forward keyword arguments")
+
+
+def _check_ids(t: Any, where: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CalibrationDataError(f"{where} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise CalibrationDataError(f"{where} must hold integer token ids (torch.long), got dtype {t.dtype}; "
+                                   f"tokenize the text first")
+    if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise CalibrationDataError(f"{where} must have shape (batch, seq_len) with both > 0, got {tuple(t.shape)}"
+                                   + ("; add a batch dim with ids.unsqueeze(0)" if t.dim() == 1 else ""))
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):          # namedtuple
+        return type(obj)(*(_map_tensors(x, fn) for x in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(x, fn) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def call_batch(model: nn.Module, batch: Dict[str, Any], device: torch.device):
+    """Run `model` on one batch from `as_batches` (keyword or positional inputs) moved to `device`."""
+    if POSITIONAL in batch:
+        return model(*_map_tensors(batch[POSITIONAL], lambda t: t.to(device)))
+    return model(**_forward_kwargs(model, batch, device))
+
+
+def _forward_kwargs(model: nn.Module, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    kw = _map_tensors(batch, lambda t: t.to(device))
+    if "use_cache" in (forward_parameters(model) or ()) and "use_cache" not in kw:
+        kw["use_cache"] = False                                     # no KV cache while calibrating
+    return kw
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Calibrate with dropout off; restore the caller's train/eval state afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def call_with_inputs(model, inputs):
+    """Call a model the way its inputs ask: keyword arguments for a dict (HF tokenizer output), positional
+    for a tuple/list, else a single argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def call_model(model: nn.Module, inputs: Any):
+    """dict -> model(**inputs) (Hugging Face style), tuple -> model(*inputs), anything else -> model(inputs)."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def split_batch(batch: Any) -> Tuple[Any, Any]:
+    """A batch is `(inputs, targets)` (a tuple or list of two) or the inputs alone (targets None).
+
+    A list of two strings is inputs (two texts), not an (inputs, targets) pair."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not all(isinstance(b, str) for b in batch):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(to_device(v, device) for v in obj)
+    return obj

@@ -1,0 +1,94 @@
+"""TODO"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Optional, Sequence, Union
+
+from prunekit.config import Config, register_config
+from prunekit.errors import ConfigError
+
+
+@register_config
+@dataclasses.dataclass
+class MACs(Config):
+    """Resource target: remove `ratio` of the model's multiply-accumulates (0.5 = half the MACs)."""
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        _check_ratio("MACs", "ratio", self.ratio)
+
+
+@register_config
+@dataclasses.dataclass
+class Params(Config):
+    """Resource target: remove `ratio` of the model's parameters."""
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        _check_ratio("Params", "ratio", self.ratio)
+
+
+def _check_ratio(owner, name, r):
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= float(r) < 1.0) or math.isnan(r):
+        raise ConfigError(f"{owner}.{name} must be a number in [0, 1), got {r!r}")
+
+
+IMPORTANCES = ("l1", "l2", "random")
+
+
+@register_config
+@dataclasses.dataclass
+class Structured(Config):
+    """Remove whole channels / neurons / heads through the dependency graph.
+
+    ratio:        fraction of each group's units to remove (float), or {module-name regex: ratio}; groups
+                  whose modules match no pattern are left alone. Ignored when `target` is given.
+    importance:   "l1" | "l2" | "random" | callable(group, tensors) -> (n_units,) scores (higher = keep).
+    global_ranking: rank units across groups (scores normalized per group) instead of the same ratio per group.
+    round_to:     keep-counts become multiples of this many channels (hardware-friendly widths).
+    ignore:       module names or regexes whose parameters are left untouched.
+    max_ratio_per_layer: never remove more than this fraction of any group.
+    target:       a resource goal instead of a ratio: pk.MACs(ratio=...) or pk.Params(ratio=...).
+    prune_hidden: also prune the residual stream (hidden size) of Hugging Face transformers. Default: False for
+                  transformers (heads and FFN neurons only), True for every other model.
+    gqa:          grouped-query attention: "groups" removes a KV head with all its query heads; "query_heads"
+                  keeps the KV heads and removes the same number of query heads from every group.
+    convert_mha:  replace `nn.MultiheadAttention` by `prunekit.nn.MultiheadAttention` (same function, separate
+                  q/k/v projections) so its heads can be pruned; recorded in the plan and repeated by pk.load.
+    """
+    ratio: Union[float, Dict[str, float]] = 0.5
+    importance: Union[str, Callable] = "l2"
+    global_ranking: bool = False
+    round_to: int = 1
+    ignore: Sequence[str] = ()
+    max_ratio_per_layer: float = 0.9
+    target: Optional[Config] = None
+    seed: int = 0
+    prune_hidden: Optional[bool] = None
+    convert_mha: bool = True
+    gqa: str = "groups"
+
+    def __post_init__(self):
+        if isinstance(self.ratio, dict):
+            for k, v in self.ratio.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"Structured.ratio keys must be module-name regexes, got {k!r}")
+                _check_ratio("Structured", f"ratio['{k}']", v)
+        else:
+            _check_ratio("Structured", "ratio", self.ratio)
+        if isinstance(self.importance, str) and self.importance not in IMPORTANCES:
+            raise ConfigError(f"Structured.importance must be one of {IMPORTANCES} or a callable, "
+                              f"got {self.importance!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"Structured.round_to must be an int >= 1, got {self.round_to!r}")
+        if not (0.0 < float(self.max_ratio_per_layer) <= 1.0):
+            raise ConfigError(f"Structured.max_ratio_per_layer must be in (0, 1], got {self.max_ratio_per_layer!r}")
+        if self.gqa not in ("groups", "query_heads"):
+            raise ConfigError(f"Structured.gqa must be 'groups' or 'query_heads', got {self.gqa!r}")
+        if isinstance(self.ignore, str):
+            self.ignore = [self.ignore]
+        self.ignore = list(self.ignore)
+        if self.target is not None and not isinstance(self.target, (MACs, Params)) and not hasattr(self.target, "speedup"):
+            raise ConfigError(f"Structured.target must be pk.MACs(...), pk.Params(...) or pk.Latency(...), "
+                              f"got {self.target!r}")

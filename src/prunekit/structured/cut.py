@@ -1,0 +1,168 @@
+"""TODO"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from prunekit.errors import GraphError
+from prunekit.graph.groups import DependencyGraph
+from prunekit.models import hf
+from prunekit.structured.surgery import apply_kept, is_known_module
+
+# ------------------------------------------------------------------------------------------- handler
+
+def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> List[List]:
+    """Module attributes that hold a size used literally in a reshape (e.g. `num_heads`): old -> new."""
+    flag = graph.removed_comps(removed)
+    updates: Dict[tuple, int] = {}
+    for rec in graph.trace.reshapes:
+        if len(rec.sizes) != len(rec.out_blocks):
+            continue
+        for d, ids in enumerate(rec.out_blocks):
+            if ids is None:
+                continue
+            old = ids.shape[0]
+            ids = ids.numpy()
+            alive = ~flag[graph.comp_of_id[np.where(ids >= 0, ids, 0)]] | (ids < 0)
+            new = int(alive.any(1).sum())       # positions along the dim that keep any element
+            if new == old or rec.sizes[d] != old:
+                continue
+            try:
+                mod = model.get_submodule(rec.module) if rec.module else model
+            except AttributeError:
+                continue
+            if is_known_module(mod):
+                continue
+            for attr, v in vars(mod).items():
+                if attr.startswith("_") or isinstance(v, bool) or not isinstance(v, int) or v != old:
+                    continue
+                key = (rec.module, attr)
+                if updates.get(key, new) != new:
+                    raise GraphError(f"module '{rec.module}' attribute '{attr}'={old} would need two new values "
+                                     f"({updates[key]} and {new}); pass ignore=['{rec.module}']")
+                updates[key] = new
+    out = [[m, a, v] for (m, a), v in sorted(updates.items())]
+    for mod, attr, parts in graph.trace.split_attrs:      # split sizes kept in a module attribute
+        new_sizes = []
+        for p in parts:
+            a = p.numpy()
+            alive = ~flag[graph.comp_of_id[np.where(a >= 0, a, 0)]] | (a < 0)
+            new_sizes.append(int(alive.any(1).sum()))
+        out.append([mod, attr, new_sizes])
+    return out
+
+
+def _outputs(out):
+    from torch.utils._pytree import tree_flatten
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+def run_model(model, example_inputs):
+    with torch.no_grad():
+        if isinstance(example_inputs, dict):
+            return model(**example_inputs)
+        if isinstance(example_inputs, (tuple, list)):
+            return model(*example_inputs)
+        return model(example_inputs)
+
+
+def remove_units(model: nn.Module, graph: DependencyGraph, removed: Dict[int, torch.Tensor]):
+    """Lower-level API: cut exactly the given units ({group index: bool mask}) from a copy of `model`.
+
+    Returns (pruned copy, kept indices, attribute updates). `model` is not modified."""
+    kept = graph.kept_indices(removed)
+    attrs = _literal_attr_updates(graph, model, removed)
+    pruned = copy.deepcopy(model)
+    apply_kept(pruned, kept, attrs)
+    if hf.is_hf(pruned):
+        hf.after_surgery(pruned, model.config)
+    return pruned, kept, attrs
+
+
+def _validate(pruned, example_inputs, base_out):
+    """Run the pruned model; None if it works with unchanged output shapes, else (innermost module, error)."""
+    stack = [""]
+    names = {m: n for n, m in pruned.named_modules()}
+    failed = []
+    hooks = []
+    def pre(mod, args):
+        stack.append(names[mod])
+
+    def post(mod, args, out):
+        stack.pop()
+
+    for m in pruned.modules():
+        hooks.append(m.register_forward_pre_hook(pre))
+        hooks.append(m.register_forward_hook(post))
+    was = pruned.training
+    pruned.eval()
+    try:
+        new_out = _outputs(run_model(pruned, example_inputs))
+    except Exception as e:
+        return stack[-1], f"{type(e).__name__}: {e}"
+    finally:
+        pruned.train(was)
+        for h in hooks:
+            h.remove()
+    for a, b in zip(base_out, new_out):
+        if a.shape != b.shape:
+            return "", f"pruning changed an output shape {tuple(a.shape)} -> {tuple(b.shape)}"
+    return None
+
+
+@dataclasses.dataclass
+class Cut:
+    graph: DependencyGraph
+    removed: Dict[int, torch.Tensor]
+    pruned: nn.Module
+    kept: Dict[str, Dict[int, List[int]]]
+    attrs: List[List]
+    ignore: List[str]
+    auto_ignored: List[str]
+
+
+def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGraph], Dict[int, torch.Tensor]],
+              ignore: Sequence[str] = (), graph: Optional[DependencyGraph] = None, attempts: int = 8,
+              gqa: str = "groups") -> Cut:
+    """Trace, let `choose(graph)` pick units to remove, cut a copy, and check the copy runs.
+
+    When the cut copy fails inside some module (its code derives one size from another, e.g.
+    `reshape(B, N, C)` with C the input width but the heads pruned), every module of that class is added to
+    `ignore` and the cut is redone. `model` is never modified."""
+    ignore = list(ignore)
+    auto_ignored: List[str] = []
+    for attempt in range(attempts):
+        if graph is None or attempt > 0:
+            was_training = model.training
+            model.eval()
+            try:
+                graph = DependencyGraph(model, example_inputs, ignore=ignore, gqa=gqa)
+            finally:
+                model.train(was_training)
+        removed = choose(graph)
+        pruned, kept, attrs = remove_units(model, graph, removed)
+        failure = _validate(pruned, example_inputs, _outputs(graph.trace.output))
+        if failure is None:
+            return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored)
+        mod_name, err = failure
+        cls = type(model.get_submodule(mod_name)) if mod_name else None
+        same = [n for n, m in model.named_modules() if cls is not None and type(m) is cls and n]
+        new = [re.escape(n) for n in same if re.escape(n) not in ignore]
+        if not new or cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
+            raise GraphError(f"the pruned model fails to run in module '{mod_name or '<model>'}' ({err}). "
+                             f"It probably computes a size from another one (e.g. head_dim = width // num_heads);"
+                             f" pass ignore=['{mod_name}'] to leave it untouched.")
+        ignore += new
+        auto_ignored.append(f"{cls.__name__} ({len(new)} modules): {err}")
+        warnings.warn(f"pruning {cls.__name__} modules breaks their forward ({err}); leaving all "
+                      f"{len(new)} of them untouched (as if ignore= named them) and pruning the rest", stacklevel=3)
+    raise GraphError(f"could not find a valid pruning after {attempts} attempts; pass ignore= for: {auto_ignored}")

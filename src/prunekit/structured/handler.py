@@ -1,0 +1,108 @@
+"""Structured pruning: score the groups of the dependency graph, decide keep-counts, cut, validate."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from prunekit.api import PruneResult
+from prunekit.config import Config, register_handler
+from prunekit.errors import ConfigError
+from prunekit.graph.groups import DependencyGraph
+from prunekit.models import hf
+from prunekit.nn import MultiheadAttention, convert_mha
+from prunekit.structured.allocate import allocate, allocate_for_target, group_scores
+from prunekit.structured.config import Structured
+from prunekit.structured.cut import cut_valid
+from prunekit.structured.latency import allocate_for_latency
+from prunekit.structured.surgery import apply_kept
+
+
+@register_handler(Structured)
+def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, inplace: bool = False,
+                     graph: Optional[DependencyGraph] = None, **_) -> PruneResult:
+    if example_inputs is None:
+        raise ValueError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
+                         "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
+    t0 = time.perf_counter()
+    info: Dict[str, Any] = {}
+    original = model
+    converted: List[str] = []
+    cuts_something = cfg.target is not None or (any(v > 0 for v in cfg.ratio.values()) if isinstance(cfg.ratio, dict)
+                                                 else cfg.ratio > 0)
+    if cfg.convert_mha and graph is None and cuts_something and any(
+            MultiheadAttention.convertible(m) for m in model.modules()):
+        model = model if inplace else copy.deepcopy(model)
+        converted = convert_mha(model)
+
+    hf_model = hf.is_hf(model)
+    prune_hidden = (not hf_model) if cfg.prune_hidden is None else cfg.prune_hidden
+
+    def choose(g: DependencyGraph):
+        info["t_graph"] = time.perf_counter() - t0
+        sc = group_scores(g, cfg, {**g.params, **g.buffers})
+        skip = () if prune_hidden else hf.hidden_group_indices(g, model)
+        if cfg.target is not None and hasattr(cfg.target, "speedup"):
+            rm, lat = allocate_for_latency(model, g, sc, cfg, example_inputs)
+            info["lat"] = lat
+            return {k: v for k, v in rm.items() if k not in skip}
+        if cfg.target is not None:
+            return allocate_for_target(g, sc, cfg, skip=skip)
+        return allocate(g, sc, cfg, skip=skip)
+
+    cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph, gqa=cfg.gqa)
+    graph, removed, pruned, kept, attrs = cut.graph, cut.removed, cut.pruned, cut.kept, cut.attrs
+    ignore, auto_ignored, lat_info, t_graph = cut.ignore, cut.auto_ignored, info.get("lat"), info["t_graph"]
+    t_alloc = t_graph
+    macs_before, params_before = graph.macs(), sum(p.numel() for p in original.parameters())
+    macs_after = graph.macs(removed)
+    added_bias: List[str] = []
+    if hasattr(cfg.importance, "compensate"):       # FLAP-style bias compensation for the removed channels
+        added_bias = cfg.importance.compensate(model, pruned, kept)
+    base_config = model.config if hf_model else None
+    if inplace:
+        apply_kept(model, kept, attrs)
+        if hf_model:
+            hf.after_surgery(model, base_config)
+        for name in added_bias:
+            lin = model.get_submodule(name)
+            lin.bias = nn.Parameter(torch.zeros_like(pruned.get_submodule(name).bias))
+        model.load_state_dict(pruned.state_dict())   # the validated copy may carry compensated biases
+        pruned = model
+    t_surgery = time.perf_counter() - t0
+    plan = {
+        "format": "prunekit.structured/1",
+        "config": _safe_dict(cfg),
+        "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()},
+        "attrs": attrs,
+        **({"convert_mha": converted} if converted else {}),
+        **({"add_bias": added_bias} if added_bias else {}),
+        **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf._shapes_match(pruned, pruned.config) and not added_bias}
+           if hf_model else {}),
+        "groups": [{"index": g.index, "units": g.n_units, "unit_size": g.unit_size,
+                    "kept": int(g.n_units - int(removed[g.index].sum())) if g.index in removed else g.n_units,
+                    "modules": g.modules[:8]} for g in graph.groups],
+    }
+    stats = {"params_before": params_before, "params_after": sum(p.numel() for p in pruned.parameters()),
+             "macs_before": macs_before, "macs_after": macs_after, "groups": len(graph.groups),
+             "groups_pruned": len(removed), "time_graph_s": t_graph, "time_alloc_s": t_alloc - t_graph,
+             "time_total_s": t_surgery, "auto_ignored": auto_ignored,
+             "ignore": ignore}
+    if lat_info:
+        stats.update(lat_info)
+    return PruneResult(model=pruned, plan=plan, config=cfg, stats=stats)
+
+
+def _safe_dict(cfg):
+    try:
+        return cfg.to_dict()
+    except ConfigError:
+        d = {"type": type(cfg).__name__}
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            d[f.name] = repr(v) if callable(v) else (v.to_dict() if isinstance(v, Config) else v)
+        return d
