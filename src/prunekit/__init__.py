@@ -58,9 +58,10 @@ from prunekit.structured import (
 )
 from prunekit.version import __version__
 
-# Names whose modules import heavy optional packages (matplotlib, onnx): loaded on first use.
+# Names whose modules import heavy optional packages (matplotlib, onnx, gguf): loaded on first use.
 _LAZY = {
     "export_onnx": "prunekit.export.onnx",
+    "export_gguf": "prunekit.export.gguf",
     "quantize_int8": "prunekit.export.quantize",
     "semi_structured_2to4": "prunekit.export.quantize",
     "write_report": "prunekit.report.write",

@@ -4,6 +4,7 @@
     prunekit eval   --model fashion-mnist-cnn --data fashion-mnist [--pruned runs/x/model]
     prunekit bench  --model fashion-mnist-cnn --data fashion-mnist [--pruned runs/x/model] [--batch-sizes 1,16]
     prunekit report runs/x [--out runs/x/report]
+    prunekit export --format gguf --model runs/x/model --out model.gguf [--quant q8_0] [--tokenizer src.gguf]
 
 Models: a zoo name, a local Hugging Face directory, a .safetensors file with --factory, or
 "package.module:factory". Data: a built-in name (prunekit.data.available()) or "package.module:function".
@@ -21,8 +22,9 @@ from typing import List, Optional
 from prunekit import data as pkdata
 from prunekit import io as pkio
 from prunekit.batch import split_batch
-from prunekit.errors import ConfigError, DataError, LoadError, ReportError, RunError
+from prunekit.errors import ConfigError, DataError, ExportError, LoadError, ReportError, RunError
 from prunekit.evaluate.core import evaluate
+from prunekit.export.gguf import FTYPES, export_gguf
 from prunekit.measure.latency import measure_latency
 from prunekit.report.write import write_report
 from prunekit.run.pipeline import load_recipe, run_pipeline
@@ -38,7 +40,7 @@ class CLIError(Exception):
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models into smaller dense models, "
                                 "recover, evaluate, benchmark and report.")
-    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,report}")
+    sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,report,export}")
 
     def model_args(sp):
         sp.add_argument("--model", required=True, help="zoo name, HF directory, weights.safetensors (+--factory), "
@@ -74,6 +76,14 @@ def _build_parser() -> argparse.ArgumentParser:
     re_ = sub.add_parser("report", help="write report.html / report.md for a run directory")
     re_.add_argument("run_dir")
     re_.add_argument("--out", help="output directory (default: RUN_DIR/report)")
+
+    ex = sub.add_parser("export", help="write a pruned model for a serving engine (GGUF for llama.cpp)")
+    ex.add_argument("--format", required=True, choices=["gguf"])
+    ex.add_argument("--model", required=True, help="directory written by pk.save (a run's model/)")
+    ex.add_argument("--out", required=True, help="file to write, e.g. model.gguf")
+    ex.add_argument("--quant", default="f16", choices=sorted(FTYPES), help="weight type (default f16)")
+    ex.add_argument("--tokenizer", help="source .gguf or Hugging Face tokenizer directory (default: --model's)")
+    ex.add_argument("--tokenizer-pre", default="default", help="llama.cpp pre-tokenizer name for an HF tokenizer")
     return p
 
 
@@ -181,7 +191,16 @@ def cmd_report(a) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report}
+def cmd_export(a) -> int:
+    try:
+        info = export_gguf(a.model, a.out, dtype=a.quant, tokenizer=a.tokenizer, tokenizer_pre=a.tokenizer_pre)
+    except (ExportError, LoadError) as e:
+        raise CLIError(str(e)) from e
+    print(f"wrote {info['path']} ({info['architecture']}, {info['layers']} layers, {a.quant}, {info['bytes']} bytes)")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "report": cmd_report, "export": cmd_export}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

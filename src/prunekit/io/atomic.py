@@ -47,6 +47,11 @@ def _atomic_replace(path: PathLike, write: Callable[[str], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_file(path: PathLike, write: Callable[[str], None]) -> None:
+    """Public form of the temp file + fsync + os.replace writer, for formats with their own file writers."""
+    _atomic_replace(path, write)
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write `text` to `path` through a temp file in the same directory + fsync + os.replace."""
     def write(tmp):

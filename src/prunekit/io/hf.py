@@ -1,4 +1,5 @@
-"""TODO"""
+"""Hugging Face directories: save_pretrained files plus the base config, and loading them back without prunekit's
+original model. Shapes come from the weights file: a plan replay gives the structure, the tensors the widths."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ from typing import Any, Dict
 import torch.nn as nn
 
 from prunekit.errors import LoadError
-from prunekit.io.state import WEIGHTS, load_state, plain_state_dict, replay
+from prunekit.io.state import WEIGHTS, fit_to_tensors, load_state, plain_state_dict, replay
 from prunekit.layers.depth import replay_layers
-from prunekit.models.hf import after_surgery
+from prunekit.models.hf import after_surgery, config_expresses
 
 BASE_CONFIG = "prunekit_base_config.json"
 
@@ -20,7 +21,9 @@ def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
     model.save_pretrained(str(path), safe_serialization=True, state_dict=plain_state_dict(model))
     if base is not None:
         (path / BASE_CONFIG).write_text(json.dumps(base, indent=1))
-        if not plan.get("hf_config_exact", False):
+        # checked on the model, not trusted from the plan: a depth prune of a width-pruned model records
+        # hf_config_exact=True while its config still holds the unpruned widths
+        if not (plan.get("hf_config_exact", False) and config_expresses(model, model.config)):
             # from_pretrained cannot express these shapes: keep config.json the base architecture and say so
             d = dict(base)
             d["prunekit_note"] = "per-layer pruned widths; load with prunekit.load(dir)"
@@ -44,10 +47,16 @@ def load_hf(path: Path, plan: Dict[str, Any]) -> nn.Module:
     cfg = transformers.AutoConfig.for_model(base["model_type"], **{k: v for k, v in base.items()
                                                                      if k != "model_type"})
     model = cls(cfg)
+    sd = load_file(str(path / WEIGHTS))
     if plan.get("format", "").startswith("prunekit.layers"):
         replay_layers(model, plan)
+        # the blocks may have been width-pruned before the depth prune: their widths are in the tensors
+        if fit_to_tensors(model, sd):
+            after_surgery(model, cfg)
+            if getattr(cfg, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+                model.tie_weights()           # resizing replaced the tied parameter
     else:
         replay(model, plan)
         after_surgery(model, cfg)
-    load_state(model, load_file(str(path / WEIGHTS)), strict=True, where=str(path / WEIGHTS))
+    load_state(model, sd, strict=True, where=str(path / WEIGHTS))
     return model.eval()

@@ -110,6 +110,32 @@ def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     return model
 
 
+def fit_to_tensors(model: nn.Module, sd: Dict[str, torch.Tensor]) -> bool:
+    """Resize Linear / Embedding modules and 1-D parameters (norms, biases) whose saved tensor has another shape,
+    so the model takes the shapes the weights file holds. Returns True if anything changed."""
+    changed = False
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        w = sd.get(prefix + "weight")
+        own = getattr(mod, "weight", None)
+        if w is None or not isinstance(own, nn.Parameter) or own.shape == w.shape:
+            continue
+        if isinstance(mod, nn.Linear) and w.dim() == 2:
+            mod.out_features, mod.in_features = w.shape
+        elif isinstance(mod, nn.Embedding) and w.dim() == 2:
+            mod.num_embeddings, mod.embedding_dim = w.shape
+        elif own.dim() != 1 or w.dim() != 1:
+            raise LoadError(f"pk.load: '{prefix}weight' is {tuple(w.shape)} in the file but {tuple(own.shape)} "
+                            f"in the model and {type(mod).__name__} cannot be resized; pass model=<the pruned "
+                            f"architecture>")
+        mod.weight = nn.Parameter(torch.empty(w.shape, dtype=own.dtype), requires_grad=own.requires_grad)
+        b = sd.get(prefix + "bias")
+        if isinstance(getattr(mod, "bias", None), nn.Parameter) and b is not None:
+            mod.bias = nn.Parameter(torch.empty(b.shape, dtype=mod.bias.dtype))
+        changed = True
+    return changed
+
+
 def load_state(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool = True, where: str = "weights"):
     """load_state_dict that tolerates tied tensors stored once and explains shape mismatches."""
     own = model.state_dict()

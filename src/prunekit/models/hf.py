@@ -155,6 +155,11 @@ def _shapes_match(model: nn.Module, cfg) -> bool:
     return a == b
 
 
+def config_expresses(model: nn.Module, cfg) -> bool:
+    """True if `from_pretrained` with `cfg` rebuilds exactly the model's parameter shapes."""
+    return _shapes_match(model, cfg)
+
+
 def after_surgery(model: nn.Module, base_config) -> bool:
     """Update attention attributes and `model.config`. Returns True if the config expresses the new shapes."""
     fix_attention_attrs(model, base_config)
