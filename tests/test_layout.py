@@ -20,7 +20,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prunekit"
 LAYERS = [
     ["prunekit.version", "prunekit.errors"],
     ["prunekit.config", "prunekit.batch", "prunekit.io.atomic", "prunekit.nn", "prunekit.data"],
-    ["prunekit.api", "prunekit.objective", "prunekit.graph"],
+    ["prunekit.api", "prunekit.objective", "prunekit.graph", "prunekit.graph.labels", "prunekit.graph.ops",
+     "prunekit.graph.rules", "prunekit.graph.tracer", "prunekit.graph.groups"],
     ["prunekit.models", "prunekit.calibrate", "prunekit.measure"],
     ["prunekit.structured", "prunekit.sparse", "prunekit.layers"],
     ["prunekit.io"],
