@@ -1,5 +1,6 @@
 """Bad input gets a clear error: what was wrong, where, and what to do."""
 import json
+import os
 
 import pytest
 import torch
@@ -109,8 +110,10 @@ def test_load_missing_and_corrupt_files(tmp_path):
     d = pk.save(r, tmp_path / "badjson")
     (d / "plan.json").write_text("{not json")
     (d / "prunekit.json").unlink()
-    with pytest.raises(pk.LoadError, match="not valid JSON"):
+    with pytest.raises(pk.LoadError, match="manifest .* is missing"):
         pk.load(d, model=small())
+    with pytest.raises(pk.LoadError, match="not valid JSON"):
+        pk.load(d, model=small(), verify=False)
     d = pk.save(r, tmp_path / "wrongarch")
     with pytest.raises(pk.LoadError):
         pk.load(d, model=nn.Sequential(nn.Linear(3, 3)))
@@ -131,3 +134,96 @@ def test_config_round_trip():
         assert pk.config_from_dict(json.loads(json.dumps(c.to_dict()))) == c
     with pytest.raises(pk.ConfigError, match="did you mean 'round_to'"):
         pk.config_from_dict({"type": "Structured", "round_too": 8})
+
+
+# --------------------------------------------------------------------------------------------- untrusted directories
+
+
+def _saved(tmp_path, name="s"):
+    r = pk.prune(small(), pk.Structured(ratio=0.5), example_inputs=X)
+    return r, pk.save(r, tmp_path / name)
+
+
+def _edit_json(path, fn):
+    d = json.loads(path.read_text())
+    fn(d)
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("name", ["../../../../proc/self/pagemap", "/proc/self/pagemap", "/etc/passwd", "a/../../x",
+                                  "", 5])
+def test_manifest_names_cannot_leave_directory(tmp_path, name):
+    _, d = _saved(tmp_path)
+    _edit_json(d / "prunekit.json", lambda m: m["files"].__setitem__(name, "0" * 64))
+    with pytest.raises(pk.LoadError, match="outside|plain relative|not a regular|missing"):
+        pk.load(d, model=small())
+
+
+def test_symlink_out_and_special_files_refused(tmp_path):
+    _, d = _saved(tmp_path)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((d / "model.safetensors").read_bytes())
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").symlink_to(outside)
+    with pytest.raises(pk.LoadError, match="symlink leading outside"):
+        pk.load(d, model=small())
+    (d / "model.safetensors").unlink()
+    os.mkfifo(d / "model.safetensors")                 # reading a FIFO would block forever
+    with pytest.raises(pk.LoadError, match="not a regular file"):
+        pk.load(d, model=small())
+
+
+def test_manifest_required_unless_opted_out(tmp_path):
+    r, d = _saved(tmp_path)
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[-1] ^= 0x40                                     # a flipped bit in the last weight
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    (d / "prunekit.json").unlink()
+    with pytest.raises(pk.LoadError, match="manifest"):
+        pk.load(d, model=small())
+    pk.load(d, model=small(), verify=False)             # explicit opt-out loads the (changed) bytes
+    _, d2 = _saved(tmp_path, "s2")
+    _edit_json(d2 / "prunekit.json", lambda m: m["files"].pop("model.safetensors"))
+    with pytest.raises(pk.LoadError, match="does not list 'model.safetensors'"):
+        pk.load(d2, model=small())
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda p: p["attrs"].append(["0", "forward", 3]), "size attribute"),
+    (lambda p: p["attrs"].append(["0", "_private", 3]), "attrs"),
+    (lambda p: p["attrs"].append(["0", "in_features"]), "attrs"),
+    (lambda p: p["attrs"].append(["nope", "in_features", 3]), "size attribute"),
+    (lambda p: p.__setitem__("kept", {"0.weight": {"0": ["a"]}}), "kept"),
+    (lambda p: p.__setitem__("kept", {"0.weight": {"0": [-1]}}), "kept"),
+    (lambda p: p.__setitem__("kept", {"0.weight": {"0": [0, 0]}}), "distinct"),
+    (lambda p: p.__setitem__("kept", {"0.weight": {"7": [0]}}), "dim 7"),
+    (lambda p: p.__setitem__("kept", {"0.weight": {"0": [99]}}), "indices 99"),
+    (lambda p: p.__setitem__("kept", []), "kept"),
+    (lambda p: p.__setitem__("format", "prunekit.evil/9"), "format"),
+    (lambda p: p.__setitem__("add_bias", "0"), "add_bias"),
+    (lambda p: p.__setitem__("convert_mha", [3]), "convert_mha"),
+])
+def test_plan_schema_checked_before_model_is_touched(tmp_path, edit, match):
+    _, d = _saved(tmp_path)
+    _edit_json(d / "plan.json", edit)
+    fresh = small()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(pk.LoadError, match=match):
+        pk.load(d, model=fresh, verify=False)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert fresh[0].forward.__func__ is type(fresh[0]).forward
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hf_dtype_preserved(tmp_path, dtype):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval().to(dtype)
+    x = {"input_ids": torch.randint(0, 64, (1, 6))}
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    pk.save(r, tmp_path / "hf")
+    again = pk.load(tmp_path / "hf")
+    assert {p.dtype for p in again.parameters()} == {dtype}
+    assert torch.equal(again(**x).logits, r.model(**x).logits)

@@ -23,6 +23,7 @@ from prunekit.errors import (
     RecoveryDiverged,
     ReportError,
     RunError,
+    SaveError,
     UnsupportedHardwareError,
 )
 from prunekit.evaluate import EvalResult, SliceComparison, TokenWindows, compare_slices, evaluate
@@ -86,7 +87,7 @@ __all__ = [
     # files, export, report
     "save", "load", *_LAZY,
     # errors
-    "PrunekitError", "ConfigError", "GraphError", "LoadError", "RunError", "DataError", "ExportError",
+    "PrunekitError", "ConfigError", "GraphError", "LoadError", "SaveError", "RunError", "DataError", "ExportError",
     "UnsupportedHardwareError", "RecoveryDiverged", "CalibrationDataError", "MetricError", "CompareError",
     "ReportError",
     "__version__",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["PrunekitError", "ConfigError", "CalibrationDataError", "LoadError", "RunError", "ExportError",
+__all__ = ["PrunekitError", "ConfigError", "CalibrationDataError", "LoadError", "SaveError", "RunError", "ExportError",
            "UnsupportedHardwareError", "DataError", "GraphError", "RecoveryDiverged", "CompareError",
            "MetricError", "ReportError"]
 
@@ -27,6 +27,10 @@ class CalibrationDataError(PrunekitError, ValueError):
 
 class LoadError(PrunekitError, RuntimeError):
     """A saved prunekit directory is missing files, corrupt, or does not fit the given model."""
+
+
+class SaveError(PrunekitError, OSError):
+    """A save could not be completed (disk full, unwritable or foreign target); the previous save is unchanged."""
 
 
 class RunError(PrunekitError, RuntimeError):

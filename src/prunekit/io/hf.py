@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+import torch
 import torch.nn as nn
 
 from prunekit.errors import LoadError
+from prunekit.io.schema import safe_file
 from prunekit.io.state import WEIGHTS, fit_to_tensors, load_state, plain_state_dict, replay
-from prunekit.layers.depth import replay_layers
 from prunekit.models.hf import after_surgery, config_expresses
 
 BASE_CONFIG = "prunekit_base_config.json"
@@ -30,33 +31,56 @@ def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
             (path / "config.json").write_text(json.dumps(d, indent=1))
 
 
+def _saved_dtype(sd: Dict[str, torch.Tensor]):
+    """The floating dtype most of the saved weights have (None if there are no floating tensors)."""
+    counts: Dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else None
+
+
 def load_hf(path: Path, plan: Dict[str, Any]) -> nn.Module:
-    """Rebuild an HF model saved by pk.save without the original weights: base config -> replay -> weights."""
+    """Rebuild an HF model saved by pk.save without the original weights: base config -> replay -> weights.
+
+    The model comes back in the dtype its weights were saved in (a bf16 model stays bf16)."""
     import transformers
     from safetensors.torch import load_file
 
-    base_file = path / BASE_CONFIG
-    if not base_file.is_file():
-        raise LoadError(f"pk.load('{path}') without model=: '{base_file}' is missing, so the original architecture "
-                        f"is unknown; pass model=<fresh original model>")
-    base = json.loads(base_file.read_text())
+    where = f"pk.load('{path}') without model="
+    if not (path / BASE_CONFIG).exists():
+        raise LoadError(f"{where}: '{path / BASE_CONFIG}' is missing, so the original architecture is unknown; "
+                        f"pass model=<fresh original model>")
+    try:
+        base = json.loads(safe_file(path, BASE_CONFIG, where).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise LoadError(f"{where}: '{path / BASE_CONFIG}' is not valid JSON ({e}); re-save with pk.save") from e
+    if not isinstance(base, dict) or not isinstance(base.get("model_type"), str):
+        raise LoadError(f"{where}: '{path / BASE_CONFIG}' has no 'model_type'; re-save with pk.save")
     arch = plan.get("hf_class") or (base.get("architectures") or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise LoadError(f"pk.load('{path}'): unknown architecture {arch!r} in {BASE_CONFIG}")
-    cfg = transformers.AutoConfig.for_model(base["model_type"], **{k: v for k, v in base.items()
-                                                                     if k != "model_type"})
-    model = cls(cfg)
-    sd = load_file(str(path / WEIGHTS))
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise LoadError(f"{where}: unknown architecture {arch!r} in {BASE_CONFIG}/plan; pass model=<fresh "
+                        f"original model>")
+    try:
+        cfg = transformers.AutoConfig.for_model(base["model_type"], **{k: v for k, v in base.items()
+                                                                         if k != "model_type"})
+        model = cls(cfg)
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoadError(f"{where}: cannot build {arch} from {BASE_CONFIG} ({e}); pass model=<fresh original "
+                        f"model>") from e
+    sd = load_file(str(safe_file(path, WEIGHTS, where)))
+    replay(model, plan)
     if plan.get("format", "").startswith("prunekit.layers"):
-        replay_layers(model, plan)
         # the blocks may have been width-pruned before the depth prune: their widths are in the tensors
         if fit_to_tensors(model, sd):
             after_surgery(model, cfg)
             if getattr(cfg, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
                 model.tie_weights()           # resizing replaced the tied parameter
     else:
-        replay(model, plan)
         after_surgery(model, cfg)
+    dtype = _saved_dtype(sd)
+    if dtype is not None:
+        model.to(dtype)
     load_state(model, sd, strict=True, where=str(path / WEIGHTS))
     return model.eval()

@@ -1,16 +1,16 @@
 """The pieces of the saved format that loaders share: file names, state dicts with tied tensors once, plan replay."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from prunekit.errors import LoadError
 from prunekit.io.atomic import save_safetensors_atomic
+from prunekit.io.schema import check_plan_fits, safe_file, sha256_file, validate_plan
 from prunekit.layers.depth import replay_layers
 from prunekit.models import hf
 from prunekit.nn import convert_mha
@@ -56,55 +56,67 @@ def save_weights(model: nn.Module, path: Union[str, Path], metadata: Optional[Di
     save_safetensors_atomic(state_dict_unique(model), path, metadata=metadata)
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def read_manifest(path: Path, verify: bool = True) -> Dict[str, str]:
+    """The checked `prunekit.json` file list {name: sha256}, after verifying every listed file's checksum.
+
+    A missing manifest is an error unless `verify=False` (then nothing is checked and {} is returned)."""
+    if not verify:
+        return {}
+    where = f"pk.load('{path}')"
+    if not (path / META).exists() and not (path / META).is_symlink():
+        raise LoadError(f"{where}: checksum manifest '{path / META}' is missing, so corrupt weights could load "
+                        f"silently; re-save with pk.save, or pass verify=False to load unverified")
+    meta_file = safe_file(path, META, where)
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{where}: '{meta_file}' is not valid JSON ({e}); re-save with pk.save") from e
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise LoadError(f"{where}: '{meta_file}' has no 'files' mapping {{name: sha256}}; re-save with pk.save")
+    for n in (PLAN, WEIGHTS):
+        if n not in files:
+            raise LoadError(f"{where}: '{meta_file}' does not list '{n}', so it cannot be verified; re-save with "
+                            f"pk.save")
+    for n, digest in files.items():
+        if sha256_file(safe_file(path, n, where)) != digest:
+            raise LoadError(f"{where}: '{path / n}' does not match its checksum in {META}: the file is "
+                            f"corrupt or was changed after saving")
+    return files
 
 
-def read_plan(path: Union[str, Path]) -> Dict[str, Any]:
+def read_plan(path: Union[str, Path], verify: bool = True) -> Tuple[Dict[str, Any], Dict[str, str]]:
+    """(validated plan, verified manifest file list) of a saved directory; verify=False skips the manifest."""
     path = Path(path)
     if not path.is_dir():
         raise LoadError(f"pk.load: '{path}' is not a directory; expected a folder written by pk.save")
+    where = f"pk.load('{path}')"
     for n in (PLAN, WEIGHTS):
-        if not (path / n).is_file():
-            raise LoadError(f"pk.load: '{path / n}' is missing; the directory was not written completely by "
-                            f"pk.save (re-run the save)")
-    if (path / META).is_file():
-        try:
-            meta = json.loads((path / META).read_text())
-        except json.JSONDecodeError as e:
-            raise LoadError(f"pk.load: '{path / META}' is not valid JSON ({e})") from e
-        for n, digest in meta.get("files", {}).items():
-            if (path / n).is_file() and _sha(path / n) != digest:
-                raise LoadError(f"pk.load: '{path / n}' does not match its checksum in {META}: the file is "
-                                f"corrupt or was changed after saving")
+        safe_file(path, n, where)
+    files = read_manifest(path, verify)
     try:
-        plan = json.loads((path / PLAN).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        plan = json.loads(safe_file(path, PLAN, where).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LoadError(f"pk.load: '{path / PLAN}' is not valid JSON ({e})") from e
-    if not isinstance(plan, dict) or not ("kept" in plan or str(plan.get("format", "")).startswith("prunekit.")):
-        raise LoadError(f"pk.load: '{path / PLAN}' is not a prunekit plan (no 'format'/'kept' entry)")
-    return plan
+    return validate_plan(plan, f"pk.load: '{path / PLAN}'"), files
 
 
 def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
     """Apply a saved structured plan to a fresh model of the original architecture (in place)."""
-    if plan.get("format", "").startswith("prunekit.layers"):
-        return replay_layers(model, plan)
-    if plan.get("convert_mha"):
-        convert_mha(model, plan["convert_mha"])
-    kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
+    check_plan_fits(model, plan, "pk.load")
     try:
+        if plan.get("format", "").startswith("prunekit.layers"):
+            return replay_layers(model, plan)
+        if plan.get("convert_mha"):
+            convert_mha(model, plan["convert_mha"])
+        kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}
         apply_kept(model, kept, [tuple(a) for a in plan.get("attrs", [])])
         for name in plan.get("add_bias", []):       # biases created by bias compensation; values come from the file
             lin = model.get_submodule(name)
             lin.bias = nn.Parameter(torch.zeros(lin.weight.shape[0], dtype=lin.weight.dtype))
         if hf.is_hf(model):
             hf.after_surgery(model, model.config)
-    except (KeyError, AttributeError, IndexError, RuntimeError) as e:
+    except (KeyError, AttributeError, IndexError, RuntimeError, ValueError, TypeError) as e:
         raise LoadError(f"pk.load: the plan does not fit this model ({e}); pass the same architecture the "
                         f"pruned model was made from") from e
     return model

@@ -16,15 +16,15 @@ Layout of a run directory::
 
 No pickle anywhere (torch.save is pickle, which executes code on load): tensors go to safetensors and
 everything else to JSON. A checkpoint is first written to a `*.tmp` directory, fsync'ed, renamed into place
-with os.replace, and only then does `latest.json` (itself temp file + os.replace) point at it. A process
+with an atomic rename (io.atomic.swap_in), and only then does `latest.json` (itself temp file + os.replace) point at it. A process
 killed mid-write therefore leaves the previous checkpoint as the latest one, never a torn one.
 """
 from __future__ import annotations
 
 import datetime
 import json
-import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from prunekit.errors import RunError
-from prunekit.io.atomic import PathLike, _fsync_dir, atomic_write_json, atomic_write_text, save_safetensors_atomic
+from prunekit.io.atomic import (PathLike, atomic_write_json, atomic_write_text, honour_umask, save_safetensors_atomic,
+                                swap_in)
 
 # --------------------------------------------------------------------------------------------- state <-> files
 
@@ -218,7 +219,14 @@ class Run:
         p = self.checkpoint_root / "latest.json"
         if not p.exists():
             return None
-        ckpt = self.checkpoint_root / json.loads(p.read_text())["name"]
+        try:
+            name = json.loads(p.read_text())["name"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{p} is not a valid checkpoint pointer ({e}); delete it to restart from scratch") from e
+        if not isinstance(name, str) or not re.fullmatch(r"step-\d{8}", name):
+            raise RunError(f"{p} names checkpoint {name!r}, which is not a step-NNNNNNNN directory of this run; "
+                           f"delete {p} to restart from scratch")
+        ckpt = self.checkpoint_root / name
         if not (ckpt / "state.json").exists():
             raise RunError(f"{p} points at {ckpt}, which is missing or incomplete; the run directory was "
                            f"modified by hand? Delete {p} to restart from scratch.")
@@ -233,6 +241,7 @@ class Run:
             if tmp.exists():
                 shutil.rmtree(tmp)                                      # a torn attempt from a killed run
             tmp.mkdir(parents=True)
+            honour_umask(tmp, directory=True)
         _barrier()
         atomic_write_json(tmp / f"rng-rank{self.rank}.json", rng_state())
         _barrier()
@@ -244,11 +253,7 @@ class Run:
                 save_safetensors_atomic(opt_tensors, tmp / "optimizer.safetensors")
                 full_state["optimizer"] = opt_plain
             atomic_write_json(tmp / "state.json", full_state)
-            final = self.checkpoint_root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.checkpoint_root)
+            swap_in(tmp, self.checkpoint_root / name)            # fsyncs the tree; an old step-N is replaced whole
             atomic_write_json(self.checkpoint_root / "latest.json", {"name": name, "step": step})
             self._prune_old(keep_name=name)
         _barrier()
