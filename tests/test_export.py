@@ -1,4 +1,6 @@
 """Compression stack: int8 agreement and size, ONNX export verified by ONNX Runtime, 2:4 sparsity."""
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -99,3 +101,35 @@ def test_2to4_on_gpu_matches_masked_dense():
             dense[i].weight.mul_(mask_2to4(dense[i].weight))
         x = torch.randn(64, 128, device="cuda", dtype=torch.float16)
         assert torch.allclose(res["model"](x), dense(x), atol=1e-2, rtol=1e-2)
+
+
+class TokenTypeEmbedding(nn.Module):
+    """BERT's embedding when no token_type_ids are passed: gather a zero buffer of max_positions (>= 64) at the
+    position ids. onnxscript's constant folding tries this node with ONNX's reference evaluator, which fails for
+    gathers over 64+ elements and used to print "Evaluation failed: cannot reshape array ..." during `make demo`."""
+
+    def __init__(self, max_positions=128, d=16):
+        super().__init__()
+        self.register_buffer("token_type_ids", torch.zeros(1, max_positions, dtype=torch.long), persistent=False)
+        self.register_buffer("position_ids", torch.arange(max_positions)[None], persistent=False)
+        self.emb, self.types = nn.Embedding(100, d), nn.Embedding(2, d)
+
+    def forward(self, input_ids):
+        pos = self.position_ids[:, :input_ids.shape[1]]
+        tt = torch.gather(self.token_type_ids.expand(pos.shape[0], -1), 1, pos).expand(input_ids.shape[0], -1)
+        return self.emb(input_ids) + self.types(tt)
+
+
+def test_export_onnx_collects_exporter_log_warnings_instead_of_printing(tmp_path, caplog, capfd):
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING):
+        r = export_onnx(TokenTypeEmbedding().eval(), torch.randint(0, 100, (2, 32)), str(tmp_path / "t.onnx"), reps=2)
+    assert r["max_abs_diff"] <= 1e-4                      # the unfolded node runs fine in ONNX Runtime
+    leaked = [rec.getMessage() for rec in caplog.records if rec.name.startswith(("onnxscript", "onnx_ir"))]
+    assert leaked == [] and "Evaluation failed" not in capfd.readouterr().err
+    msgs = r["exporter_messages"]
+    failed = [m for m in msgs if m["message"].startswith("Evaluation failed")]
+    assert failed and all(m["note"] and "constant folding" in m["note"] and m["count"] >= 1 for m in failed)
+    assert all(m["level"] in ("WARNING", "ERROR", "CRITICAL") for m in msgs)
+    # the loggers are restored afterwards
+    assert logging.getLogger("onnxscript").propagate and not logging.getLogger("onnxscript").handlers

@@ -1,8 +1,14 @@
-"""TODO"""
+"""ONNX export with an ONNX Runtime check: export, run both, compare outputs, time both (`export_onnx`).
+
+The exporter's own chatter (progress lines on stdout, Python warnings, and log records of onnxscript's graph
+optimizer) is kept off the terminal and returned in the result's "exporter_messages", each with a note on
+what it means, so a caller can show it or not; failures that matter raise ExportError.
+"""
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import time
 import warnings
@@ -24,6 +30,54 @@ _OP_PATTERNS = [
     r"\[ONNXRuntimeError\].*?node[: ]+\S*?\(?(\w+)\)?",  # ONNX Runtime: failing node
     r"(aten[:.]{1,2}\w+)",
 ]
+
+
+# Loggers the dynamo exporter's pipeline writes to while exporting and optimizing the graph.
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+# (message pattern, what it means) for exporter log records seen in practice.
+_KNOWN_MESSAGES = [
+    (re.compile(r"^Evaluation failed: "),
+     "onnxscript's constant folding could not precompute one node with ONNX's reference evaluator and left it in "
+     "the graph, where ONNX Runtime computes it (the output check covers it). Seen with BERT's token_type_ids "
+     "buffer: onnx<=1.23's reference GatherElements fails when gathering over 64 or more elements (onnx/onnx#8444)."),
+]
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: List[Dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        for m in self.messages:
+            if m["logger"] == record.name and m["message"] == msg:
+                m["count"] += 1
+                return
+        note = next((n for pat, n in _KNOWN_MESSAGES if pat.search(msg)), None)
+        self.messages.append({"logger": record.name, "level": record.levelname, "message": msg, "count": 1,
+                              "note": note})
+
+
+@contextlib.contextmanager
+def _exporter_log():
+    """Collect (not print) WARNING+ records of the exporter's loggers for the block; yields the collector.
+
+    Without this, onnxscript's optimizer warnings reach stderr through logging's last-resort handler and read
+    like failures of a run whose export in fact succeeded and was verified."""
+    handler = _Collect()
+    saved = []
+    for name in _EXPORTER_LOGGERS:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.propagate))
+        lg.addHandler(handler)
+        lg.propagate = False
+    try:
+        yield handler
+    finally:
+        for lg, propagate in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
 
 
 def failing_op(exc: BaseException) -> Optional[str]:
@@ -81,7 +135,9 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, atol: float = 1e
     """Export `model` to ONNX at `path`, then verify and time it with ONNX Runtime (CPU).
 
     example_inputs: a tensor, a tuple of tensors (positional) or a dict (keyword arguments).
-    Returns {"path", "max_abs_diff", "torch_ms", "onnxruntime_ms", "speedup", "opset", "exporter"}.
+    Returns {"path", "max_abs_diff", "torch_ms", "onnxruntime_ms", "speedup", "opset", "exporter", "threads",
+    "exporter_messages"}; exporter_messages lists the exporter's log warnings ({"logger", "level", "message",
+    "count", "note"}), which are collected instead of printed.
     Raises ExportError naming the failing op when export, loading or running fails, and when any output
     differs from PyTorch by more than `atol`.
     """
@@ -95,8 +151,8 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, atol: float = 1e
     if dynamic_batch and dynamo:
         export_kw["dynamic_shapes"] = _batch_dynamic_shapes(args, kwargs)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # exporter progress chatter
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _exporter_log() as log:
+            warnings.simplefilter("ignore")                                   # exporter progress chatter
             torch.onnx.export(model, args, path, kwargs=kwargs, external_data=False, verbose=False, **export_kw)
     except Exception as e:  # the exporter raises many types; all are reported the same way
         op = failing_op(e)
@@ -137,7 +193,7 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, atol: float = 1e
         torch.set_num_threads(old)
     return {"path": str(path), "max_abs_diff": diff, "torch_ms": t_ms, "onnxruntime_ms": o_ms,
             "speedup": t_ms / o_ms, "opset": opset, "exporter": "dynamo" if dynamo else "torchscript",
-            "threads": threads}
+            "threads": threads, "exporter_messages": log.messages}
 
 
 def _first_line(e: BaseException) -> str:
