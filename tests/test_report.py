@@ -11,7 +11,7 @@ import torch
 from prunekit.errors import ReportError
 from prunekit.evaluate import compare_slices, from_callable
 from prunekit.evaluate.core import evaluate
-from prunekit.report import RunRecorder, load_run
+from prunekit.report import RunRecorder, load_run, width_fractions
 from prunekit.report.write import write_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -124,3 +124,68 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(np.unique((img * 15).astype(int).reshape(-1, 3), axis=0)) > 50  # plots, not a flat page
     if os.environ.get("PRUNEKIT_KEEP_SCREENSHOT"):  # to look at it by eye
         shutil.copy(shot, os.environ["PRUNEKIT_KEEP_SCREENSHOT"])
+
+
+def test_width_fractions_group_by_kind_with_totals():
+    widths = [{"name": f"layer {i} heads", "kind": "heads", "original": 12, "kept": 12 - 2 * i} for i in range(3)]
+    widths += [{"name": f"layer {i} FFN", "kind": "FFN neurons", "original": 1536, "kept": 1536 - 256 * i}
+               for i in range(3)]
+    widths.insert(1, {"name": "fc", "original": 10, "kept": 10})           # no kind: "units"
+    w = width_fractions(widths)
+    assert [x["kind"] for x in w["layers"]] == ["heads"] * 3 + ["units"] + ["FFN neurons"] * 3
+    assert [x["name"] for x in w["layers"]][:3] == ["layer 0 heads", "layer 1 heads", "layer 2 heads"]
+    assert [x["fraction"] for x in w["layers"] if x["kind"] == "heads"] == pytest.approx([1.0, 10 / 12, 8 / 12])
+    # heads and FFN widths differ by 100x, their fractions are on the same scale
+    assert all(0 < x["fraction"] <= 1 for x in w["layers"])
+    kinds = {k["kind"]: k for k in w["kinds"]}
+    assert kinds["heads"]["original"] == 36 and kinds["heads"]["kept"] == 30
+    assert kinds["FFN neurons"]["fraction"] == pytest.approx((3 * 1536 - 768) / (3 * 1536))
+    assert kinds["units"]["layers"] == 1 and kinds["units"]["fraction"] == 1.0
+    # the dict forms give the same numbers
+    assert width_fractions({"a": [8, 4]})["layers"][0]["fraction"] == 0.5
+    assert width_fractions({"a": {"original": 8, "kept": 2, "kind": "channels"}})["kinds"][0]["kind"] == "channels"
+    with pytest.raises(ReportError, match="kept must not exceed original"):
+        width_fractions([{"name": "x", "original": 4, "kept": 5}])
+
+
+def test_widths_report_plots_fractions_and_tables_counts(tmp_path):
+    rec = _record(tmp_path / "run", finish=False, sections=("summary", "steps", "slices"))
+    rec.set("widths", [{"name": "layer 0 heads", "kind": "heads", "original": 12, "kept": 6},
+                       {"name": "layer 0 FFN", "kind": "FFN neurons", "original": 1536, "kept": 1152}])
+    rec.finish()
+    paths = write_report(str(tmp_path / "run"), str(tmp_path / "out"))
+    m = json.load(open(paths["json"]))
+    assert [(w["kind"], w["fraction"]) for w in m["widths"]] == [("heads", 0.5), ("FFN neurons", 0.75)]
+    assert {k["kind"]: (k["kept"], k["original"]) for k in m["width_kinds"]} == \
+        {"heads": (6, 12), "FFN neurons": (1152, 1536)}
+    page, md = open(paths["html"]).read(), open(paths["md"]).read()
+    for text in (page, md):
+        assert "kept fraction" in text and "50.0%" in text and "75.0%" in text and "1,152" in text
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(tmp_path / "out" / "plots" / "widths.png"))[..., :3]
+    blue = (img[..., 2] > 0.55) & (img[..., 0] < 0.3)                     # heads bars (#2b6cb0)
+    orange = (img[..., 0] > 0.8) & (img[..., 1] > 0.35) & (img[..., 1] < 0.5) & (img[..., 2] < 0.2)  # FFN
+    # both kinds are visible bars, and the half-kept heads bar is shorter than the 3/4-kept FFN bar
+    assert blue.sum() > 500 and orange.sum() > 500
+    assert np.nonzero(blue.any(1))[0].size < np.nonzero(orange.any(1))[0].size
+
+
+def test_extra_comparisons_and_notes_are_rendered_and_rerenderable(tmp_path):
+    rec = _record(tmp_path / "run", finish=False)
+    rec.add_comparison("by_length", _comparison(), title="Accuracy by input length")
+    rec.add_note("Latency: batch 1, 1 thread, <median> of 15 reps.")
+    rec.finish()
+    paths = write_report(str(tmp_path / "run"), str(tmp_path / "out"))
+    page, md = open(paths["html"]).read(), open(paths["md"]).read()
+    assert page.count("data:image/png;base64,") == 4                      # + the extra comparison's drop plot
+    assert "<h3>Accuracy by input length</h3>" in page and page.count("Flagged: c3") == 2
+    assert "<li>Latency: batch 1, 1 thread, &lt;median&gt; of 15 reps.</li>" in page
+    assert "### Accuracy by input length" in md and "- Latency: batch 1" in md
+    assert "![per-slice drops](plots/slices_by_length.png)" in md
+    assert (tmp_path / "out" / "plots" / "slices_by_length.png").is_file()
+    # the report's own metrics.json (normalized) renders to the same page
+    again = open(write_report(json.load(open(paths["json"])), str(tmp_path / "out2"))["html"]).read()
+    part = lambda p: p[p.index("<h2>Summary"):p.index("<h2>Environment")]   # noqa: E731
+    assert part(again) == part(page)
+    with pytest.raises(ReportError, match="unknown run section 'extras'"):
+        rec.set("extras", {})

@@ -10,7 +10,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 from prunekit.errors import ReportError
 from prunekit.measure.env import environment_info
 
-SECTIONS = ("summary", "steps", "slices", "widths", "env")
+SECTIONS = ("summary", "steps", "slices", "widths", "env")   # a run without one of these is reported incomplete
+OPTIONAL_SECTIONS = ("comparisons", "notes")                  # extra slice comparisons, notes on the method
 METRICS = "metrics.json"
 COMPLETE = "COMPLETE"
 
@@ -39,6 +40,8 @@ class RunRecorder:
         rec = RunRecorder("runs/exp1", run={"model": "vit_b_16", "method": "Structured(0.5)"})
         rec.log_step(step=1, speedup=1.3, quality=0.81)
         rec.set("summary", {...}); rec.set("slices", comparison); rec.set("widths", [...])
+        rec.add_comparison("by_length", comparison2, title="Accuracy by input length")   # optional extras
+        rec.add_note("Latency: batch 32, 1 thread, median of 15 interleaved reps.")
         rec.finish()   # writes COMPLETE
     Every call rewrites metrics.json atomically (temp file + rename), so readers never see half a file.
     """
@@ -55,8 +58,9 @@ class RunRecorder:
         self._write()
 
     def set(self, section: str, value: Any) -> "RunRecorder":
-        if section not in SECTIONS + ("run",):
-            raise ReportError(f"unknown run section '{section}'; known: {list(SECTIONS) + ['run']}")
+        known = SECTIONS + OPTIONAL_SECTIONS + ("run",)
+        if section not in known:
+            raise ReportError(f"unknown run section '{section}' passed to RunRecorder.set; use one of {list(known)}")
         self.data[section] = _clean(value)
         self._write()
         return self
@@ -67,6 +71,21 @@ class RunRecorder:
         if missing:
             raise ReportError(f"log_step needs step, speedup and quality; missing {sorted(missing)}")
         self.data.setdefault("steps", []).append(_clean(numbers))
+        self._write()
+        return self
+
+    def add_comparison(self, name: str, comparison: Any, title: Optional[str] = None) -> "RunRecorder":
+        """Record one more slice comparison (e.g. a second evaluation); the report gives each its own
+        subsection with the same plot and table as the main "slices" section, titled `title` (default: name)."""
+        if not isinstance(name, str) or not name:
+            raise ReportError(f"add_comparison needs a non-empty name string, got {name!r}")
+        self.data.setdefault("comparisons", {})[name] = {"title": title or name, "comparison": _clean(comparison)}
+        self._write()
+        return self
+
+    def add_note(self, text: str) -> "RunRecorder":
+        """Record one line on how something was measured; the report lists them under "Notes"."""
+        self.data.setdefault("notes", []).append(str(text))
         self._write()
         return self
 

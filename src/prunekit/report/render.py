@@ -1,57 +1,13 @@
-"""Turn run data into tables, PNG plots (matplotlib Agg), HTML and Markdown."""
+"""Normalized run data (prunekit.report.data) + PNG plots (prunekit.report.plots) -> HTML and Markdown."""
 from __future__ import annotations
 
 import base64
 import html
-import io
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-_FLAG, _FEW, _OK = "flagged", "too few to judge", "ok"
-
-
-# ----------------------------------------------------------------------------------------------- data
-def _baseline(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    for r in rows:
-        if r.get("variant") == "dense":
-            return r
-    return rows[0] if rows else None
-
-
-def _widths(w) -> List[Dict[str, Any]]:
-    """Accept [{"name","original","kept"}], {name: {"original","kept"}} or {name: [original, kept]}."""
-    if not w:
-        return []
-    if isinstance(w, dict):
-        out = []
-        for k, v in w.items():
-            if isinstance(v, dict):
-                out.append({"name": k, "original": v.get("original"), "kept": v.get("kept")})
-            else:
-                out.append({"name": k, "original": v[0], "kept": v[1]})
-        return out
-    return [dict(x) for x in w]
-
-
-def normalize(data: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill in derived numbers (speedup, size and param reduction vs the baseline) and put sections in order."""
-    summary = dict(data.get("summary") or {})
-    rows = [dict(r) for r in summary.get("rows", [])]
-    base = _baseline(rows)
-    for r in rows:
-        for key, out, inverse in (("latency_ms", "speedup", True), ("size_bytes", "size_ratio", False),
-                                  ("params", "params_ratio", False), ("memory_bytes", "memory_ratio", False)):
-            b, v = (base or {}).get(key), r.get(key)
-            if b and v:
-                r[out] = b / v if inverse else v / b
-    if rows:
-        summary["rows"] = rows
-    steps = sorted((dict(s) for s in data.get("steps") or []), key=lambda s: s.get("step", 0))
-    return {
-        "run": data.get("run") or {}, "complete": bool(data.get("complete")),
-        "missing": list(data.get("missing", [])), "marker_found": bool(data.get("marker_found")),
-        "source": data.get("source", ""), "summary": summary or None, "steps": steps,
-        "slices": data.get("slices") or None, "widths": _widths(data.get("widths")), "env": data.get("env") or None,
-    }
+from .plots import FEW as _FEW
+from .plots import FLAG as _FLAG
+from .plots import plot_name
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -66,6 +22,8 @@ def _f(v, kind: str = "num") -> str:
         return f"{v:.2f}x"
     if kind == "int":
         return f"{int(v):,}"
+    if kind == "%":
+        return f"{100 * v:.1f}%"
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
@@ -84,12 +42,12 @@ def _summary_table(norm) -> Optional[List[List[str]]]:
     return [hdr] + body
 
 
-def _slice_rows(norm) -> List[Dict[str, Any]]:
-    return list((norm["slices"] or {}).get("slices", []))
+def _slice_rows(comparison: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return list((comparison or {}).get("slices", []))
 
 
-def _slice_table(norm) -> Optional[List[List[str]]]:
-    rows = _slice_rows(norm)
+def _slice_table(comparison: Optional[Dict[str, Any]]) -> Optional[List[List[str]]]:
+    rows = _slice_rows(comparison)
     if not rows:
         return None
     hdr = ["slice", "n", "reference", "pruned", "drop", "drop CI", "excess over overall (CI)", "status"]
@@ -103,6 +61,29 @@ def _slice_table(norm) -> Optional[List[List[str]]]:
     return [hdr] + body
 
 
+def _widths_table(norm) -> Optional[List[List[str]]]:
+    """Absolute counts behind the kept-fraction plot: per layer, then a total per unit kind."""
+    if not norm["widths"]:
+        return None
+    hdr = ["layer", "kind", "original", "kept", "kept fraction"]
+    body = [[w["name"], w["kind"], _f(w.get("original"), "int"), _f(w["kept"], "int"), _f(w.get("fraction"), "%")]
+            for w in norm["widths"]]
+    body += [[f"all {k['kind']} ({k['layers']} layers)", k["kind"], _f(k["original"], "int"), _f(k["kept"], "int"),
+              _f(k.get("fraction"), "%")] for k in norm["width_kinds"]]
+    return [hdr] + body
+
+
+def _flag_rule(comparison: Dict[str, Any]) -> Tuple[str, str]:
+    """(overall numbers + the flagging rule, the flagged slices joined or 'none') of one slice comparison."""
+    o, p = comparison.get("overall", {}), comparison.get("params", {})
+    flagged = [str(r["slice"]) for r in _slice_rows(comparison) if r.get("status") == _FLAG]
+    return (f"Overall {comparison.get('metric', '')}: {_f(o.get('reference'))} → {_f(o.get('pruned'))} "
+            f"(drop {_f(o.get('drop'))}). A slice is flagged when its drop exceeds {p.get('ratio', 2)}× the overall "
+            f"drop and the {100 * p.get('flag_level', 0.95):.1f}% bootstrap CI of (slice drop − overall drop) "
+            f"excludes 0; slices under {p.get('min_slice_size', 20)} examples are not judged."), \
+        ", ".join(flagged) or "none"
+
+
 def _steps_table(norm) -> Optional[List[List[str]]]:
     steps = norm["steps"]
     if not steps:
@@ -111,98 +92,6 @@ def _steps_table(norm) -> Optional[List[List[str]]]:
     hdr = ["step", "speedup", "quality"] + extra
     return [hdr] + [[str(s.get("step")), _f(s.get("speedup"), "x"), _f(s.get("quality"))] +
                     [_f(s.get(k)) for k in extra] for s in steps]
-
-
-# ----------------------------------------------------------------------------------------------- plots
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _curve_plot(norm) -> Optional[bytes]:
-    import matplotlib.pyplot as plt
-    steps = [s for s in norm["steps"] if s.get("speedup") is not None and s.get("quality") is not None]
-    rows = [r for r in ((norm["summary"] or {}).get("rows") or [])
-            if r.get("speedup") is not None and r.get("quality") is not None]
-    if not steps and not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if steps:
-        ax.plot([s["speedup"] for s in steps], [s["quality"] for s in steps], "o-", color="#2b6cb0",
-                label="pruning steps")
-        for s in steps:
-            ax.annotate(str(s.get("step")), (s["speedup"], s["quality"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8, color="#2b6cb0")
-    for r, mk in zip(rows, "s^Dvp*"):
-        ax.plot(r["speedup"], r["quality"], mk, markersize=9, label=r.get("variant"), alpha=0.85)
-    metric = (norm["summary"] or {}).get("metric", "quality")
-    ax.set_xlabel("speedup vs dense (median latency ratio)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs speedup")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def _slice_plot(norm) -> Optional[bytes]:
-    import matplotlib.pyplot as plt
-    rows = [r for r in _slice_rows(norm) if r.get("drop") is not None]
-    if not rows:
-        return None
-    colors = {_FLAG: "#c53030", _FEW: "#a0aec0", _OK: "#3182ce"}
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.32 * len(rows) + 1.2)))
-    ys = list(range(len(rows)))[::-1]
-    for y, r in zip(ys, rows):
-        ci = r.get("drop_ci")
-        err = [[r["drop"] - ci[0]], [ci[1] - r["drop"]]] if ci else None
-        ax.barh(y, r["drop"], color=colors.get(r.get("status"), "#3182ce"), xerr=err, capsize=2,
-                error_kw={"elinewidth": 0.8})
-    ax.set_yticks(ys)
-    ax.set_yticklabels([f"{r['slice']} (n={r['n']})" for r in rows], fontsize=8)
-    o = (norm["slices"] or {}).get("overall", {})
-    thr = (norm["slices"] or {}).get("params", {}).get("threshold")
-    if o.get("drop") is not None:
-        ax.axvline(o["drop"], color="black", lw=1, label=f"overall drop {o['drop']:+.4f}")
-    if thr:
-        ax.axvline(thr, color="#c53030", lw=1, ls="--", label=f"flag threshold {thr:.4f}")
-    ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("drop (positive = worse), with bootstrap CI")
-    ax.set_title("per-slice quality drop (red = flagged, grey = too few to judge)")
-    ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
-
-
-def _widths_plot(norm) -> Optional[bytes]:
-    import matplotlib.pyplot as plt
-    w = [x for x in norm["widths"] if x.get("kept") is not None]
-    if not w:
-        return None
-    fig, ax = plt.subplots(figsize=(max(7, 0.28 * len(w) + 2), 4))
-    xs = range(len(w))
-    ax.bar(xs, [x.get("original") or 0 for x in w], color="#cbd5e0", label="original")
-    ax.bar(xs, [x["kept"] for x in w], color="#2f855a", label="kept")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([x["name"] for x in w], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("width (channels / features / heads)")
-    ax.set_title("per-layer kept widths")
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def make_plots(norm) -> Dict[str, bytes]:
-    """PNG bytes for every plot whose data exists: curve, slices, widths."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)  # headless; no display needed
-    out = {}
-    for name, fn in (("curve", _curve_plot), ("slices", _slice_plot), ("widths", _widths_plot)):
-        png = fn(norm)
-        if png:
-            out[name] = png
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- HTML
@@ -269,29 +158,35 @@ def render_html(norm, plots: Dict[str, bytes]) -> str:
     if st:
         parts.append(_html_table(st))
     parts.append("<h2>Per-slice deltas</h2>")
-    sl = _slice_table(norm)
-    if sl:
-        srows = _slice_rows(norm)
-        o, p = norm["slices"].get("overall", {}), norm["slices"].get("params", {})
-        flagged = [str(r["slice"]) for r in srows if r.get("status") == _FLAG]
-        parts.append(f"<p>Overall {html.escape(str(norm['slices'].get('metric', '')))}: {_f(o.get('reference'))} → "
-                     f"{_f(o.get('pruned'))} (drop {_f(o.get('drop'))}). A slice is flagged when its drop exceeds "
-                     f"{p.get('ratio', 2)}× the overall drop and the {100 * p.get('flag_level', 0.95):.1f}% "
-                     f"bootstrap CI of (slice drop − overall drop) excludes 0; slices under "
-                     f"{p.get('min_slice_size', 20)} examples are not judged. <b>Flagged: "
-                     f"{html.escape(', '.join(flagged) or 'none')}</b></p>")
-        parts.append(_img(plots, "slices", "per-slice drops"))
-        parts.append(_html_table(sl, lambda i: {_FLAG: "flagged", _FEW: "few"}.get(srows[i].get("status"), "")))
-    else:
-        parts.append(_missing("per-slice evaluation"))
+    parts.append(_slices_html(norm["slices"], plots, "slices") or _missing("per-slice evaluation"))
+    if norm["comparisons"]:
+        parts.append("<h2>More per-slice comparisons</h2>")
+        for c in norm["comparisons"]:
+            parts.append(f"<h3>{html.escape(c['title'])}</h3>" + _slices_html(c["comparison"], plots,
+                                                                                plot_name(c["name"])))
     parts.append("<h2>Per-layer kept widths</h2>")
-    parts.append(_img(plots, "widths", "kept widths") or _missing("layer widths"))
+    wt = _widths_table(norm)
+    parts.append(_img(plots, "widths", "kept fraction per layer") + (_html_table(wt) if wt else "")
+                 or _missing("layer widths"))
+    if norm["notes"]:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in norm["notes"]) + "</ul>")
     parts.append("<h2>Environment</h2>")
     env = norm["env"]
     parts.append(_html_table([["key", "value"]] + [[k, _env_value(v)] for k, v in env.items()]) if env
                  else _missing("environment info"))
     parts.append(f'<p class="meta">source: {html.escape(str(norm["source"]))}</p></body></html>')
     return "\n".join(parts)
+
+
+def _slices_html(comparison: Optional[Dict[str, Any]], plots: Dict[str, bytes], plot: str) -> str:
+    """Flag rule + overall numbers, the drop plot and the per-slice table of one slice comparison ("" if empty)."""
+    sl = _slice_table(comparison)
+    if not sl:
+        return ""
+    srows = _slice_rows(comparison)
+    text, flagged = _flag_rule(comparison)
+    return (f"<p>{html.escape(text)} <b>Flagged: {html.escape(flagged)}</b></p>" + _img(plots, plot, "per-slice drops")
+            + _html_table(sl, lambda i: {_FLAG: "flagged", _FEW: "few"}.get(srows[i].get("status"), "")))
 
 
 def _env_value(v) -> str:
@@ -305,6 +200,18 @@ def _md_table(t: List[List[str]]) -> str:
     lines = ["| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in t[1:]]
     return "\n".join(lines)
+
+
+def _slices_md(comparison: Optional[Dict[str, Any]], plot_path: Optional[str]) -> str:
+    sl = _slice_table(comparison)
+    if not sl:
+        return ""
+    text, flagged = _flag_rule(comparison)
+    out = [text, "", f"Flagged slices: **{flagged}**", "",
+           _md_table([r[:-1] + ([f"**{r[-1]}**"] if r[-1] == _FLAG else [r[-1]]) for r in sl])]
+    if plot_path:
+        out += ["", f"![per-slice drops]({plot_path})"]
+    return "\n".join(out)
 
 
 def render_markdown(norm, plot_paths: Dict[str, str]) -> str:
@@ -325,24 +232,21 @@ def render_markdown(norm, plot_paths: Dict[str, str]) -> str:
     st = _steps_table(norm)
     out.append(_md_table(st) if st else "_No pruning steps recorded._")
     out += ["", "## Per-slice deltas", ""]
-    sl = _slice_table(norm)
-    if sl:
-        flagged = [r[0] for r in sl[1:] if r[-1] == _FLAG]
-        out.append(f"Flagged slices: **{', '.join(flagged) or 'none'}**")
-        out.append("")
-        out.append(_md_table([r[:-1] + ([f"**{r[-1]}**"] if r[-1] == _FLAG else [r[-1]]) for r in sl]))
-        if "slices" in plot_paths:
-            out += ["", f"![per-slice drops]({plot_paths['slices']})"]
-    else:
-        out.append("_No per-slice evaluation recorded._")
+    out.append(_slices_md(norm["slices"], plot_paths.get("slices")) or "_No per-slice evaluation recorded._")
+    if norm["comparisons"]:
+        out += ["", "## More per-slice comparisons"]
+        for c in norm["comparisons"]:
+            out += ["", f"### {c['title']}", "", _slices_md(c["comparison"], plot_paths.get(plot_name(c["name"])))]
     out += ["", "## Per-layer kept widths", ""]
-    if norm["widths"]:
-        out.append(f"![kept widths]({plot_paths.get('widths', '')})")
-        out.append("")
-        out.append(_md_table([["layer", "original", "kept"]] +
-                             [[w["name"], _f(w.get("original")), _f(w.get("kept"))] for w in norm["widths"]]))
+    wt = _widths_table(norm)
+    if wt:
+        if "widths" in plot_paths:
+            out += [f"![kept fraction per layer]({plot_paths['widths']})", ""]
+        out.append(_md_table(wt))
     else:
         out.append("_No layer widths recorded._")
+    if norm["notes"]:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in norm["notes"]]
     out += ["", "## Environment", ""]
     env = norm["env"]
     out.append(_md_table([["key", "value"]] + [[k, _env_value(v)] for k, v in env.items()]) if env

@@ -11,7 +11,12 @@ Run directory convention (what a pipeline writes; `RunRecorder` writes it for yo
                    the first row is the baseline for speedups (or the row named "dense")
         "steps":   [{"step": int, "speedup": float, "quality": float, ...extra numbers}]   one per pruning step
         "slices":  SliceComparison.to_dict() from prunekit.evaluate.compare_slices
-        "widths":  [{"name": str, "original": int, "kept": int}]               per prunable layer/group
+        "widths":  [{"name": str, "kind": str, "original": int, "kept": int}]  per prunable layer/group; kind
+                   is the unit ("heads", "FFN neurons", "channels", ...): the report plots kept / original
+                   per layer, coloured by kind, and tables the counts
+        "comparisons": {name: {"title": str, "comparison": SliceComparison.to_dict()}}   optional, more
+                   slice comparisons (RunRecorder.add_comparison), each shown like "slices"
+        "notes":   [str]                                                      optional, how things were measured
         "env":     prunekit.measure.environment_info()
       COMPLETE         empty marker file written last, when the run finished
 
@@ -27,7 +32,9 @@ import os
 from typing import Any, Dict, Union
 
 from .recorder import load_run
-from .render import make_plots, normalize, render_html, render_markdown
+from .data import normalize
+from .plots import make_plots
+from .render import render_html, render_markdown
 
 
 def write_report(run_dir_or_data: Union[str, os.PathLike, Dict[str, Any]], out_dir: Union[str, os.PathLike]

@@ -195,13 +195,14 @@ def _save_model(model: nn.Module, plan, path: Path) -> None:
 
 
 def _widths(original: nn.Module, model: nn.Module) -> List[Dict[str, Any]]:
-    """Per layer: original vs kept output width (conv out_channels / linear out_features)."""
+    """Per layer: original vs kept output width (conv out_channels / linear out_features), with the unit kind."""
     cur = dict(model.named_modules())
     rows = []
     for name, m in original.named_modules():
         w = getattr(m, "weight", None)
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and name in cur and isinstance(w, torch.Tensor):
-            rows.append({"name": name, "original": int(w.shape[0]), "kept": int(cur[name].weight.shape[0])})
+            rows.append({"name": name, "kind": "features" if isinstance(m, nn.Linear) else "channels",
+                         "original": int(w.shape[0]), "kept": int(cur[name].weight.shape[0])})
     return rows
 
 
