@@ -11,7 +11,7 @@ Variants (all from the same pretrained model, no fine-tuning or distillation aft
 
 Quality: Lee document similarity, Pearson r between embedding cosine and human scores over the 1225 pairs of
 gensim's lee.cor (mean pooling; the dense model gives 0.656), evaluated with `pk.evaluate` exactly as in
-`prunekit.demo`. Latency: `pk.measure_latency`, batch 32 x 32 tokens, 1 thread, all models interleaved.
+examples/demo_eval.py. Latency: `pk.measure_latency`, batch 32 x 32 tokens, 1 thread, all models interleaved.
 
     python benchmarks/minilm.py --out bench_minilm.json [--reps 15] [--skip-tp]
 
@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import prunekit as pk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import demo  # noqa: E402
-
-from prunekit.graph import DependencyGraph  # noqa: E402
+import demo_eval  # noqa: E402
+import demo_prune  # noqa: E402
+import demo_text  # noqa: E402
 
 MATCH_GRID = (0.35, 0.4, 0.45, 0.5, 0.55)
 
@@ -91,11 +91,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    dense, tokenizer = demo.load_minilm()
-    suite = demo.EvalSuite(tokenizer)
-    inputs = demo.latency_inputs(tokenizer)
+    dense, tokenizer = demo_text.load_minilm()
+    suite = demo_eval.EvalSuite(tokenizer)
+    inputs = demo_prune.latency_inputs(tokenizer)
     example = {k: v[:2] for k, v in inputs.items()}
-    graph = DependencyGraph(dense, example)
+    graph = pk.DependencyGraph(dense, example)
 
     variants = {}                       # name -> (model, description)
     for r in (0.3, 0.5):
@@ -116,9 +116,9 @@ def main(argv=None) -> int:
             grid[f"prunekit MACs -{r:.0%}"] = (res.model, f"pk.Structured(target=pk.MACs({r}))")
 
     models = {"dense": dense, **{k: v[0] for k, v in variants.items()}, **{k: v[0] for k, v in grid.items()}}
-    log(f"timing {len(models)} models interleaved: batch {demo.LATENCY_BATCH} x {demo.LATENCY_TOKENS} tokens, "
+    log(f"timing {len(models)} models interleaved: batch {demo_prune.LATENCY_BATCH} x {demo_prune.LATENCY_TOKENS} tokens, "
         f"1 thread, {args.reps} reps")
-    lat = pk.measure_latency(models, inputs, batch_sizes=(demo.LATENCY_BATCH,), threads=1, warmup=2, reps=args.reps)
+    lat = pk.measure_latency(models, inputs, batch_sizes=(demo_prune.LATENCY_BATCH,), threads=1, warmup=2, reps=args.reps)
     ms = {r["model"]: r["median_ms"] for r in lat["rows"]}
 
     timed_as = {name: name for name in models}           # report row -> its row in the latency run
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     for name, (model, how) in [("dense", (dense, "all-MiniLM-L6-v2"))] + list(variants.items()):
         log(f"Lee similarity: {name}")
         lee = suite.run(model, names=("lee",))["lee"].value
-        t = lat.get_row(timed_as[name], demo.LATENCY_BATCH)
+        t = lat.get_row(timed_as[name], demo_prune.LATENCY_BATCH)
         rows.append({"variant": name, "how": how, "params": pk.count_params(model),
                      "hidden": int(model.embeddings.word_embeddings.weight.shape[1]),
                      "latency_ms": t["median_ms"], "iqr_ms": t["iqr_ms"],

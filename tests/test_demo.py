@@ -18,6 +18,11 @@ import prunekit as pk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import demo  # noqa: E402
+import demo_eval  # noqa: E402
+import demo_prune  # noqa: E402
+import demo_report  # noqa: E402
+import demo_text  # noqa: E402
+from demo_settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def test_report_files_and_sections(demo_run, capsys):
     for text in (html, md):
         assert "Polarity probe accuracy by label" in text and "sentence length" in text
     # one pruning step per timed candidate plus the distilled model
-    assert len(metrics["steps"]) == len(demo.Settings.quick().macs_candidates) + 1
+    assert len(metrics["steps"]) == len(Settings.quick().macs_candidates) + 1
     assert len(metrics["widths"]) == 12                       # heads + FFN of 6 layers
 
 
@@ -74,17 +79,17 @@ def test_distillation_recovers_quality(demo_run):
     _, metrics = demo_run
     before, after = _row(metrics, "pruned, before distillation"), _row(metrics, "pruned")
     assert after["quality"] > before["quality"]
-    assert metrics["summary"]["distillation"]["steps"] == demo.Settings.quick().distill_max_steps
+    assert metrics["summary"]["distillation"]["steps"] == Settings.quick().distill_max_steps
 
 
 def test_reloaded_model_matches_report(demo_run):
     """Reload with pk.load on a fresh pretrained MiniLM and re-evaluate: same numbers as in the report."""
     out, metrics = demo_run
-    fresh, tokenizer = demo.load_minilm()
+    fresh, tokenizer = demo_text.load_minilm()
     dense_params = pk.count_params(fresh)
     model = pk.load(out / "model", model=fresh)
     assert pk.count_params(model) == _row(metrics, "pruned")["params"] < dense_params
-    evals = demo.EvalSuite(tokenizer).run(model)
+    evals = demo_eval.EvalSuite(tokenizer).run(model)
     row = _row(metrics, "pruned")
     assert evals["lee"].value == pytest.approx(row["quality"], abs=1e-6)
     assert evals["polarity_label"].value == pytest.approx(row["probe_accuracy"], abs=1e-9)
@@ -96,10 +101,10 @@ def test_reloaded_model_matches_report(demo_run):
 def test_pick_candidate_prefers_least_pruned_that_reaches_goal():
     rows = [{"macs_ratio": 0.3, "speedup": 1.45}, {"macs_ratio": 0.4, "speedup": 1.7},
             {"macs_ratio": 0.5, "speedup": 2.1}]
-    assert demo.pick_candidate(rows, 1.6)["macs_ratio"] == 0.4
-    assert demo.pick_candidate(rows, 1.4)["macs_ratio"] == 0.3
+    assert demo_prune.pick_candidate(rows, 1.6)["macs_ratio"] == 0.4
+    assert demo_prune.pick_candidate(rows, 1.4)["macs_ratio"] == 0.3
     with pytest.warns(UserWarning, match="no candidate reached"):
-        assert demo.pick_candidate(rows, 3.0)["macs_ratio"] == 0.5
+        assert demo_prune.pick_candidate(rows, 3.0)["macs_ratio"] == 0.5
 
 
 def test_distillation_loss_uses_masked_mean_pooling():
@@ -110,21 +115,21 @@ def test_distillation_loss_uses_masked_mean_pooling():
     torch.manual_seed(0)
     h = torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    target = demo.mean_pool(h, mask)
+    target = demo_text.mean_pool(h, mask)
     assert torch.allclose(target.norm(dim=-1), torch.ones(2))
     targets = {"embedding": target, "attention_mask": mask}
-    assert demo.embedding_distillation_loss(Out(h), targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert demo_prune.embedding_distillation_loss(Out(h), targets).item() == pytest.approx(0.0, abs=1e-6)
     padded = h.clone()
     padded[0, 3:] = 100.0                      # padding positions must not matter
-    assert demo.embedding_distillation_loss(Out(padded), targets).item() == pytest.approx(0.0, abs=1e-6)
-    assert demo.embedding_distillation_loss(Out(-h), targets).item() == pytest.approx(2.0, abs=1e-5)
+    assert demo_prune.embedding_distillation_loss(Out(padded), targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert demo_prune.embedding_distillation_loss(Out(-h), targets).item() == pytest.approx(2.0, abs=1e-5)
 
 
 def test_retag_keeps_rows_and_recomputes_slices():
     rows = np.array([[1.0], [0.0], [1.0], [1.0]])
     res = pk.EvalResult("accuracy", True, 0.75, ["correct"], rows, [0, 0, 1, 1],
                         {0: {"n": 2, "value": 0.5}, 1: {"n": 2, "value": 1.0}}, {}, "accuracy")
-    new = demo.retag(res, ["a", "b", "b", "b"])
+    new = demo_eval.retag(res, ["a", "b", "b", "b"])
     assert new.value == 0.75
     assert new.slices["a"]["value"] == 1.0 and new.slices["b"]["value"] == pytest.approx(2 / 3)
 
@@ -141,6 +146,26 @@ def test_export_failure_is_reported_not_fatal(tmp_path):
     class Eig(torch.nn.Module):
         def forward(self, input_ids, attention_mask):
             return torch.linalg.eig(input_ids.float()[:, :4, None].expand(-1, 4, 4)).eigenvalues.real
-    r = demo.export_checked(Eig(), {"input_ids": torch.ones(2, 4, dtype=torch.long),
+    r = demo_report.export_checked(Eig(), {"input_ids": torch.ones(2, 4, dtype=torch.long),
                                     "attention_mask": torch.ones(2, 4, dtype=torch.long)}, tmp_path / "x.onnx")
     assert not r["ok"] and "not exported" in r["status"]
+
+
+def test_widths_are_kept_fractions_of_heads_and_ffn_neurons(demo_run):
+    _, metrics = demo_run
+    kinds = {k["kind"]: k for k in metrics["width_kinds"]}
+    assert set(kinds) == {"heads", "FFN neurons"}
+    assert kinds["heads"]["original"] == 6 * 12 and kinds["FFN neurons"]["original"] == 6 * 1536
+    for w in metrics["widths"]:
+        assert w["fraction"] == pytest.approx(w["kept"] / w["original"]) and 0 < w["fraction"] <= 1
+    assert kinds["heads"]["kept"] == sum(w["kept"] for w in metrics["widths"] if w["kind"] == "heads")
+    assert min(k["fraction"] for k in kinds.values()) < 1        # something was pruned
+
+
+def test_onnx_exporter_messages_are_explained_in_the_report(demo_run):
+    out, metrics = demo_run
+    msgs = metrics["summary"]["onnx"]["exporter_messages"]
+    assert all(m["note"] for m in msgs), [m["message"] for m in msgs if not m["note"]]
+    notes = metrics["notes"]
+    assert sum(n.startswith("ONNX exporter log") for n in notes) == len(msgs)
+    assert "<h2>Notes</h2>" in (out / "report.html").read_text()
