@@ -3,7 +3,14 @@
 The dependency graph finds which slices go together (heads with their q/k/v rows and o_proj columns, GQA
 groups, FFN neurons, the residual stream). What it cannot know is where a family *stores* sizes: the config
 (`num_attention_heads`, `intermediate_size`, ...) and attention attributes (`num_heads`, `split_size`, ...).
-This module keeps that knowledge in one table of name patterns instead of a driver per architecture.
+This module keeps that knowledge in tables of name patterns instead of a driver per architecture.
+
+Nothing here assumes a text transformer: a model may have no `get_input_embeddings` (CNNs, CLIP), several
+towers with their own sub-config (CLIP's `text_config`/`vision_config`: every module is read against the
+config its nearest ancestor holds), sizes stored as per-stage lists (Swin's `num_heads`) or derived by a
+read-only property (Falcon's `head_dim`: never set, the check below decides whether the config expresses the
+result). Whether `from_pretrained` can rebuild the pruned shapes is decided by building the rewritten config
+on the meta device and comparing every parameter shape, never by a list of families.
 
 Saved layout (pk.save on a PreTrainedModel):
     config.json, model.safetensors   a normal HF directory: `AutoModelFor...from_pretrained(dir)` works when
@@ -13,18 +20,25 @@ Saved layout (pk.save on a PreTrainedModel):
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 # name patterns of the projections that reveal the sizes the config stores
-Q_NAMES = ("q_proj", "query", "q", "c_attn", "qkv_proj", "Wqkv")
-K_NAMES = ("k_proj", "key", "k")
-FFN_IN_NAMES = ("up_proj", "fc1", "c_fc", "intermediate.dense", "fc_in", "w1", "dense_h_to_4h", "gate_up_proj")
+Q_NAMES = ("q_proj", "query", "q", "query_proj", "q_lin", "c_attn", "qkv_proj", "Wqkv", "query_key_value", "qkv")
+K_NAMES = ("k_proj", "key", "k", "key_proj", "k_lin")
+FUSED_QKV = ("c_attn", "qkv_proj", "Wqkv", "query_key_value", "qkv")
+FFN_IN_NAMES = ("up_proj", "fc1", "c_fc", "intermediate.dense", "fc_in", "w1", "dense_h_to_4h", "gate_up_proj",
+                "pwconv1")
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "dim_head")
+# config fields, first match wins
+HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
+KV_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+FFN_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size")
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -35,6 +49,10 @@ def is_hf(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _is_config(obj) -> bool:
+    return hasattr(obj, "to_dict") and hasattr(obj, "model_type") and not isinstance(obj, type)
+
+
 def _out_features(m: nn.Module) -> Optional[int]:
     if isinstance(m, nn.Linear):
         return m.out_features
@@ -43,15 +61,68 @@ def _out_features(m: nn.Module) -> Optional[int]:
     return None
 
 
-def head_dim_of(config) -> int:
-    hd = getattr(config, "head_dim", None)
-    if isinstance(hd, int) and hd > 0:
+def _int(v) -> Optional[int]:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _settable(cfg, field: str) -> bool:
+    """A config field that is stored, not derived by a read-only property (Falcon's `head_dim`)."""
+    prop = getattr(type(cfg), field, None)
+    return not (isinstance(prop, property) and prop.fset is None)
+
+
+def head_dim_of(config) -> Optional[int]:
+    """The config's head size, or None when it has none as one number (per-stage lists, no heads)."""
+    hd = _int(getattr(config, "head_dim", None))
+    if hd:
         return hd
-    return config.hidden_size // config.num_attention_heads
+    h, n = _int(getattr(config, "hidden_size", None)), _int(getattr(config, "num_attention_heads", None))
+    return h // n if h and n else None
 
 
+def kv_heads_of(config) -> Optional[int]:
+    """Key/value heads of the config (multi-query configs that say so with a flag count one)."""
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return 1
+    for f in KV_FIELDS:
+        v = _int(getattr(config, f, None))
+        if v:
+            return v
+    return None
+
+
+# ------------------------------------------------------------------------------------- config scopes
+def config_paths(config, prefix: str = "") -> Dict[int, Tuple[str, object]]:
+    """{id(config object): (attribute path, object)} for a config and its nested sub-configs."""
+    out = {id(config): (prefix, config)}
+    for k, v in vars(config).items():
+        if _is_config(v) and id(v) not in out:
+            out.update(config_paths(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+def resolve(config, path: str):
+    for part in filter(None, path.split(".")):
+        config = getattr(config, part)
+    return config
+
+
+def module_scopes(model: nn.Module) -> Dict[str, str]:
+    """{module name: path of the (sub-)config it is built from}: the nearest ancestor holding a known config."""
+    paths = config_paths(model.config)
+    scope: Dict[str, str] = {}
+    for name, mod in model.named_modules():
+        own = getattr(mod, "config", None)
+        if own is not None and id(own) in paths:
+            scope[name] = paths[id(own)][0]
+        else:
+            scope[name] = scope.get(name.rpartition(".")[0], "") if name else ""
+    return scope
+
+
+# ------------------------------------------------------------------------------------- attention
 def attention_modules(model: nn.Module):
-    """(name, module, q projection, k projection or None) for every attention block."""
+    """(name, module, (attribute, q projection), k projection or None) for every attention block."""
     out = []
     for name, mod in model.named_modules():
         q = k = None
@@ -71,79 +142,155 @@ def attention_modules(model: nn.Module):
     return out
 
 
-def layer_sizes(model: nn.Module, base_config) -> Dict[str, List[int]]:
-    """Per-layer heads, kv heads and FFN widths read from the weights."""
-    hd = head_dim_of(base_config)
-    heads, kv = [], []
+def _module_head_dim(mod: nn.Module, cfg) -> Optional[int]:
+    for a in HEAD_DIM_ATTRS:
+        v = _int(getattr(mod, a, None))
+        if v:
+            return v
+    return head_dim_of(cfg)
+
+
+def _heads(qn: str, q, k, hd: int, cfg) -> Tuple[Optional[int], Optional[int]]:
+    """(query heads, kv heads or None) of one attention block, read from its projection widths."""
+    n = _out_features(q) // hd
+    if k is not None:
+        return n, _out_features(k) // hd
+    if qn not in FUSED_QKV:
+        return n, None
+    h0, kv0 = _int(getattr(cfg, "num_attention_heads", None)), kv_heads_of(cfg)
+    if not h0 or not kv0 or kv0 == h0:
+        return n // 3, None                      # q, k, v of equal width
+    if kv0 == 1:
+        return n - 2, 1                          # multi-query: one shared k and v head
+    per = h0 // kv0 + 2                          # grouped: (queries of a group, k, v) per kv head
+    return (n // per) * (h0 // kv0), n // per
+
+
+def _attention_sizes(model: nn.Module, base_config):
+    """(name, scope, head_dim, heads, kv heads) per attention block; sizes read from the weights."""
+    scopes = module_scopes(model)
+    out = []
     for name, mod, (qn, q), k in attention_modules(model):
-        n = _out_features(q)
-        if qn in ("c_attn", "qkv_proj", "Wqkv") and k is None:
-            if getattr(base_config, "num_key_value_heads", None) not in (None, base_config.num_attention_heads):
-                continue      # fused GQA projection: sizes come from the split attributes
-            n //= 3
-        heads.append(n // hd)
-        if k is not None:
-            kv.append(_out_features(k) // hd)
-    ffn = []
+        cfg = resolve(base_config, scopes.get(name, ""))
+        hd = _module_head_dim(mod, cfg)
+        if not hd:
+            continue
+        h, kv = _heads(qn, q, k, hd, cfg)
+        out.append((name, scopes.get(name, ""), hd, h, kv))
+    return out
+
+
+def _ffn_sizes(model: nn.Module):
+    """(scope, width, width / input width) per FFN input projection."""
+    scopes = module_scopes(model)
+    out = []
     for name, mod in model.named_modules():
         if any(name.endswith(f) for f in FFN_IN_NAMES):
             f = _out_features(mod)
             if f:
-                ffn.append(f // 2 if name.endswith("gate_up_proj") else f)
-    return {"heads": heads, "kv_heads": kv, "ffn": ffn}
+                f = f // 2 if name.endswith("gate_up_proj") else f
+                fin = mod.in_features if isinstance(mod, nn.Linear) else mod.weight.shape[0]
+                out.append((scopes.get(name, ""), f, f / fin))
+    return out
+
+
+def layer_sizes(model: nn.Module, base_config, scope: Optional[str] = None) -> Dict[str, List[int]]:
+    """Per-layer heads, kv heads and FFN widths read from the weights (of one config scope, or all)."""
+    att = [a for a in _attention_sizes(model, base_config) if scope is None or a[1] == scope]
+    ffn = [f for f in _ffn_sizes(model) if scope is None or f[0] == scope]
+    return {"heads": [a[3] for a in att], "kv_heads": [a[4] for a in att if a[4] is not None],
+            "ffn": [f[1] for f in ffn], "ffn_ratio": [f[2] for f in ffn]}
 
 
 def fix_attention_attrs(model: nn.Module, base_config) -> None:
     """Make attention modules' size attributes agree with their pruned projections."""
-    hd = head_dim_of(base_config)
-    for name, mod, (qn, q), k in attention_modules(model):
-        width = _out_features(q)
-        if qn in ("c_attn",):
-            width //= 3
-        h = width // hd
-        kvh = _out_features(k) // hd if k is not None else None
+    mods = dict(model.named_modules())
+    for name, _, hd, h, kvh in _attention_sizes(model, base_config):
+        mod = mods[name]
         for a in HEAD_ATTRS:
-            if isinstance(getattr(mod, a, None), int):
+            if _int(getattr(mod, a, None)):
                 setattr(mod, a, h)
         for a in WIDTH_ATTRS:
-            if isinstance(getattr(mod, a, None), int):
-                setattr(mod, a, width)
+            if _int(getattr(mod, a, None)):
+                setattr(mod, a, h * hd)
         if kvh is not None:
             for a in KV_ATTRS:
-                if isinstance(getattr(mod, a, None), int):
+                if _int(getattr(mod, a, None)):
                     setattr(mod, a, kvh)
-            if isinstance(getattr(mod, "num_key_value_groups", None), int) and kvh:
+            if _int(getattr(mod, "num_key_value_groups", None)) and kvh:
                 mod.num_key_value_groups = max(1, h // kvh)
 
 
+# ------------------------------------------------------------------------------------- config rewrite
+def _fit(current, values: List, cfg):
+    """A config value holding `values` (one per layer): the same type as `current`, or None if it cannot."""
+    if not values:
+        return current
+    if isinstance(current, (list, tuple)):
+        if len(current) == len(values):
+            return type(current)(values)
+        depths = getattr(cfg, "depths", None)           # per-stage lists (Swin): uniform inside each stage
+        if isinstance(depths, (list, tuple)) and len(depths) == len(current) and sum(depths) == len(values):
+            out, i = [], 0
+            for d in depths:
+                stage = values[i:i + d]
+                if len(set(stage)) != 1:
+                    return None
+                out.append(stage[0])
+                i += d
+            return type(current)(out)
+        return None
+    if len(set(values)) != 1:
+        return None
+    v = values[0]
+    if isinstance(current, float) or (isinstance(v, float) and not float(v).is_integer()):
+        return float(v)
+    return int(v)
+
+
+def _set(cfg, fields, values) -> bool:
+    """Write `values` into the first stored field of `fields`; False when the config cannot hold them."""
+    for f in fields:
+        if f in cfg.to_dict() and getattr(cfg, f, None) is not None:
+            v = _fit(getattr(cfg, f), values, cfg)
+            if v is None:
+                return False
+            if v != getattr(cfg, f) and _settable(cfg, f):
+                setattr(cfg, f, v)
+            return True
+    return True
+
+
+def _rewrite_scope(cfg, base, sizes: Dict[str, List]) -> bool:
+    if not _set(cfg, HEAD_FIELDS, sizes["heads"]):
+        return False
+    if sizes["kv_heads"] and kv_heads_of(base) not in (None, 1) and not _set(cfg, KV_FIELDS, sizes["kv_heads"]):
+        return False
+    hd = head_dim_of(base)
+    if hd and _settable(cfg, "head_dim"):
+        cfg.head_dim = hd           # explicit: families that read `config.head_dim` keep it when heads change
+    if any(f in cfg.to_dict() for f in FFN_FIELDS):
+        return _set(cfg, FFN_FIELDS, sizes["ffn"])
+    return _set(cfg, ("mlp_ratio",), sizes["ffn_ratio"])
+
+
 def pruned_config(model: nn.Module, base_config):
-    """The base config with the pruned sizes when they are uniform across layers; else None."""
+    """The base config with the pruned sizes (every sub-config too) when the config can hold them; else None."""
     cfg = base_config.__class__.from_dict(base_config.to_dict())
-    sizes = layer_sizes(model, base_config)
     hidden = _embedding_width(model)
-    if hidden is not None and hidden != base_config.hidden_size:
+    if hidden is not None and _int(getattr(base_config, "hidden_size", None)) and hidden != base_config.hidden_size:
         cfg.hidden_size = hidden
-    if sizes["heads"]:
-        if len(set(sizes["heads"])) != 1:
+    for path, _ in config_paths(base_config).values():
+        try:
+            sub = resolve(cfg, path)
+        except AttributeError:
             return None
-        cfg.num_attention_heads = sizes["heads"][0]
-    if sizes["kv_heads"] and hasattr(cfg, "num_key_value_heads") and cfg.num_key_value_heads is not None:
-        if len(set(sizes["kv_heads"])) != 1:
+        if not _rewrite_scope(sub, resolve(base_config, path), layer_sizes(model, base_config, scope=path)):
             return None
-        cfg.num_key_value_heads = sizes["kv_heads"][0]
-    # keep head_dim explicit: families that read `config.head_dim` then keep it when heads change
-    cfg.head_dim = head_dim_of(base_config)
-    if sizes["ffn"]:
-        if len(set(sizes["ffn"])) != 1:
-            return None
-        for f in ("intermediate_size", "ffn_dim", "n_inner"):
-            if f in cfg.to_dict() or hasattr(cfg, f):
-                setattr(cfg, f, sizes["ffn"][0])
-                break
     return cfg
 
 
-def _shapes_match(model: nn.Module, cfg) -> bool:
+def config_expresses(model: nn.Module, cfg) -> bool:
     """Would `type(model)(cfg)` have exactly the pruned model's parameter shapes? (built on the meta device)"""
     try:
         with torch.device("meta"):
@@ -155,27 +302,34 @@ def _shapes_match(model: nn.Module, cfg) -> bool:
     return a == b
 
 
-def config_expresses(model: nn.Module, cfg) -> bool:
-    """True if `from_pretrained` with `cfg` rebuilds exactly the model's parameter shapes."""
-    return _shapes_match(model, cfg)
-
 
 def after_surgery(model: nn.Module, base_config) -> bool:
     """Update attention attributes and `model.config`. Returns True if the config expresses the new shapes."""
     fix_attention_attrs(model, base_config)
     cfg = pruned_config(model, base_config)
-    if cfg is not None and _shapes_match(model, cfg):
-        model.config = cfg
-        for m in model.modules():                 # sub-modules holding the config object see the new one
-            if hasattr(m, "config") and m is not model and getattr(m, "config") is base_config:
-                m.config = cfg
-        return True
-    return False
+    if cfg is None or not config_expresses(model, cfg):
+        return False
+    old = {i: path for i, (path, _) in config_paths(model.config).items()}
+    new = {path: c for path, c in ((p, o) for p, o in config_paths(cfg).values())}
+    for m in model.modules():          # modules holding the config (or a sub-config) see the rewritten one
+        own = getattr(m, "config", None)
+        if m is not model and own is not None and id(own) in old and old[id(own)] in new:
+            m.config = new[old[id(own)]]
+    model.config = cfg
+    return True
+
+
+# ------------------------------------------------------------------------------------- residual stream
+def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):     # vision/multimodal models without one token table
+        return None
 
 
 def _embedding_param(model: nn.Module):
     """(weight, dim holding the hidden size) of the input embeddings: token table or patch projection."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb = _input_embeddings(model)
     if emb is None:
         return None, None
     if isinstance(emb, nn.Embedding):
@@ -191,10 +345,33 @@ def _embedding_width(model: nn.Module) -> Optional[int]:
     return None if w is None else w.shape[d]
 
 
-def hidden_group_indices(graph, model: nn.Module) -> List[int]:
-    """Groups that carry the residual stream (the input embeddings' width)."""
+def _stream_members(model: nn.Module) -> set:
+    """(parameter name, dim) pairs that hold a tower's hidden size: the input of every attention block (per
+    stage in Swin-like towers), every embedding (token tables, patch projections, position/class embeddings)
+    of every tower, found by module name, plus get_input_embeddings."""
+    found = set()
+    for name, _, (qn, q), _ in attention_modules(model):     # what attention reads is a tower's hidden width
+        found.add((f"{name}.{qn}.weight" if name else f"{qn}.weight", 1 if isinstance(q, nn.Linear) else 0))
     w, d = _embedding_param(model)
-    if w is None:
+    if w is not None:
+        found.update((n, d) for n, p in model.named_parameters(remove_duplicate=False) if p is w)
+    for name, mod in model.named_modules():
+        if "embed" not in name.rpartition(".")[2].lower():
+            continue
+        for pn, p in mod.named_parameters(prefix=name):
+            sub = model.get_submodule(pn.rpartition(".")[0]) if "." in pn else model
+            if isinstance(sub, nn.Embedding):
+                found.add((pn, 1))
+            elif isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd)) and pn.endswith("weight"):
+                found.add((pn, 0))
+            elif p.dim() >= 1 and not isinstance(sub, (nn.Linear, nn.modules.conv._ConvNd)):
+                found.add((pn, p.dim() - 1))
+    return found
+
+
+def hidden_group_indices(graph, model: nn.Module) -> List[int]:
+    """Groups that carry a residual stream (the width of some tower's input embeddings)."""
+    members = _stream_members(model)
+    if not members:
         return []
-    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p is w}
-    return [g.index for g in graph.groups if any(m.name in names and m.dim == d for m in g.members)]
+    return [g.index for g in graph.groups if any((m.name, m.dim) in members for m in g.members)]

@@ -81,7 +81,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         "attrs": attrs,
         **({"convert_mha": converted} if converted else {}),
         **({"add_bias": added_bias} if added_bias else {}),
-        **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf._shapes_match(pruned, pruned.config) and not added_bias}
+        **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf.config_expresses(pruned, pruned.config) and not added_bias}
            if hf_model else {}),
         "groups": [{"index": g.index, "units": g.n_units, "unit_size": g.unit_size,
                     "kept": int(g.n_units - int(removed[g.index].sum())) if g.index in removed else g.n_units,

@@ -90,8 +90,14 @@ def equal_parts(tr, name, src, args, kwargs, outs):
             if b.shape[dim] > 1:
                 tr.space.pin(b)
         return
-    r = tr.rep_vec(src, dim).view(len(sizes), sizes[0])      # (parts, per part)
-    tr.space.union(r[:1].expand_as(r), r)
+    # position i of every part goes with position i of the first, elementwise: the other tracked dims (the
+    # heads of a fused qkv viewed as (heads, 3 * head_dim), GPT-NeoX) stay apart
+    for b in tr.blocks(src):
+        b = align(b, src.dim())
+        if b.shape[dim] == src.shape[dim]:
+            parts = b.split(sizes[0], dim)
+            for p in parts[1:]:
+                tr.space.union(parts[0], p)
 
 
 def record_reshape(tr, name, args, kwargs, out):
@@ -132,6 +138,9 @@ def cat(tr, name, args, kwargs, out):
     for t in ins:
         tt = t if name != "stack" else t.unsqueeze(dim)
         bl = [b for b in tr.blocks(t) if name != "stack" and dim in tracked(b, t.shape)]
+        # a block constant along the concat dim (RoPE's rotated part, collapsed over head_dim) still holds its
+        # channels at every position there
+        bl = bl or [align(b, t.dim()) for b in tr.blocks(t) if name != "stack"][:1]
         if bl:
             any_along = True
             along.append(bl[0].to(torch.float64).expand(tt.shape))
