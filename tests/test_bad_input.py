@@ -227,3 +227,73 @@ def test_hf_dtype_preserved(tmp_path, dtype):
     again = pk.load(tmp_path / "hf")
     assert {p.dtype for p in again.parameters()} == {dtype}
     assert torch.equal(again(**x).logits, r.model(**x).logits)
+
+
+# --------------------------------------------------------------------------------------------- recipes and the CLI
+
+BOMB = "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 9 if p else ['"lol"'] * 9) + "]\n"
+               for p, c in zip([None, *"abcdefgh"], "abcdefghi"))
+
+
+@pytest.mark.parametrize("raw, match", [
+    (BOMB.encode(), "aliases"),
+    (b"stages:\n  - prune: &p {type: Structured, ratio: 0.5}\n  - prune: *p\n", "aliases"),
+    (("[" * 3000 + "]" * 3000).encode(), "nesting deeper"),
+    (b"stages:\n  - prune: {type: Structured, ratio: 0.5}\n# caf\xe9\n", "not UTF-8"),
+    (b"stages: [\n", "not valid YAML"),
+    (b"stages:\n  - prune: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    (b"x: " + b"a" * (2 << 20), "byte limit"),
+])
+def test_recipe_files_are_bounded(tmp_path, raw, match):
+    from prunekit.run.pipeline import load_recipe
+    p = tmp_path / "r.yaml"
+    p.write_bytes(raw)
+    with pytest.raises(pk.ConfigError, match=match) as e:
+        load_recipe(p)
+    assert "\n" not in str(e.value)
+
+
+def test_alias_bomb_is_refused_at_once(tmp_path):
+    """The issue's 525-byte bomb ran 275 s; refusing the first alias makes it instant (no timing assert: the
+    parse would not finish within the test timeout if aliases were expanded)."""
+    from prunekit.run.pipeline import load_recipe
+    p = tmp_path / "bomb.yaml"
+    p.write_text(BOMB)
+    assert len(BOMB) < 600
+    with pytest.raises(pk.ConfigError, match=r"line 2: YAML aliases \(\*a\)"):
+        load_recipe(p)
+
+
+def _cli(args, capsys):
+    from prunekit import cli
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["eval", "--model", "no_such_pkg.mod:fn", "--data", "x"], "cannot import module 'no_such_pkg.mod'"),
+    (["eval", "--model", "prunekit.zoo:no_such_fn", "--data", "x"], "no attribute 'no_such_fn'"),
+    (["eval", "--model", "m", "--data", "x", "--limit", "0"], "--limit must be an int >= 1"),
+    (["bench", "--model", "m", "--input-shape", "1,3", "--reps", "0"], "--reps must be an int >= 1"),
+    (["bench", "--model", "m", "--input-shape", "1,0"], "--input-shape"),
+    (["bench", "--model", "m", "--input-shape", "1,3", "--batch-sizes", "0"], "--batch-sizes"),
+    (["report", "/proc/self"], "--out '/proc/self/report' is not a writable directory"),
+])
+def test_cli_bad_input_one_line_exit_2(args, needle, capsys):
+    rc, err = _cli(args, capsys)
+    assert rc == 2
+    assert err.startswith("prunekit: error: ") and err.count("\n") == 1 and needle in err, err
+    assert "Traceback" not in err
+
+
+def test_cli_unwritable_out_and_debug_traceback(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - prune: {type: Structured, ratio: 0.5}\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["prune", "--model", "m", "--data", "d", "--recipe", str(recipe), "--out", str(blocker / "run")]
+    rc, err = _cli(args, capsys)
+    assert rc == 2 and "--out" in err and "not a writable directory" in err and "Traceback" not in err
+    rc, err = _cli(args + ["--debug"], capsys)
+    assert rc == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("prunekit: error: ")

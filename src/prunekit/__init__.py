@@ -17,6 +17,7 @@ from prunekit.errors import (
     DataError,
     ExportError,
     GraphError,
+    InputTypeError,
     LoadError,
     MetricError,
     PrunekitError,
@@ -87,7 +88,8 @@ __all__ = [
     # files, export, report
     "save", "load", *_LAZY,
     # errors
-    "PrunekitError", "ConfigError", "GraphError", "LoadError", "SaveError", "RunError", "DataError", "ExportError",
+    "PrunekitError", "ConfigError", "InputTypeError", "GraphError", "LoadError", "SaveError", "RunError",
+    "DataError", "ExportError",
     "UnsupportedHardwareError", "RecoveryDiverged", "CalibrationDataError", "MetricError", "CompareError",
     "ReportError",
     "__version__",

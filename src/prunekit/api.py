@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 import torch.nn as nn
 
 from prunekit.config import Config, get_handler
+from prunekit.errors import InputTypeError
 
 
 @dataclasses.dataclass
@@ -40,8 +41,8 @@ def prune(model: nn.Module, config: Config, **context) -> PruneResult:
     `data=` (calibration batches for data-aware scores), `inplace=` (modify `model` itself; default False).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"prune(model, ...): model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"prune(model, ...): model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, Config):
-        raise TypeError(f"prune(model, config): config must be a prunekit config object such as "
-                        f"pk.Structured(ratio=0.5), got {type(config).__name__}")
+        raise InputTypeError(f"prune(model, config): config must be a prunekit config object such as "
+                             f"pk.Structured(ratio=0.5), got {type(config).__name__}")
     return get_handler(config)(model, config, **context)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 from prunekit import data as pkdata
 from prunekit import io as pkio
 from prunekit.batch import split_batch
-from prunekit.errors import ConfigError, DataError, ExportError, LoadError, ReportError, RunError
+from prunekit.errors import DataError, LoadError, PrunekitError
 from prunekit.evaluate.core import evaluate
 from prunekit.export.gguf import FTYPES, export_gguf
 from prunekit.measure.latency import measure_latency
@@ -33,14 +35,24 @@ from prunekit.zoo import ZOO, resolve_model
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
 
-class CLIError(Exception):
-    """A user input problem; main() prints the message and exits with status 2."""
+class CLIError(PrunekitError, ValueError):
+    """A command-line argument problem; main() prints the message and exits with status 2 (like any
+    PrunekitError)."""
 
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models into smaller dense models, "
                                 "recover, evaluate, benchmark and report.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors too")
     sub = p.add_subparsers(dest="command", metavar="{prune,eval,bench,report,export}")
+    _add = sub.add_parser
+
+    def add_parser(*args, **kw):
+        sp = _add(*args, **kw)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of errors too")
+        return sp
+    sub.add_parser = add_parser
 
     def model_args(sp):
         sp.add_argument("--model", required=True, help="zoo name, HF directory, weights.safetensors (+--factory), "
@@ -121,21 +133,32 @@ def _load_pruned(model, path: str):
 # --------------------------------------------------------------------------------------------- commands
 
 
+def _positive(value: Optional[int], flag: str) -> None:
+    if value is not None and value < 1:
+        raise CLIError(f"{flag} must be an int >= 1, got {value}")
+
+
+def _writable_dir(path: str, flag: str) -> None:
+    """Fail early, in one line, when `path` cannot be created or written (instead of a traceback later)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise CLIError(f"{flag} '{path}' is not a writable directory ({e.strerror or e}); choose another "
+                       f"location") from None
+
+
 def cmd_prune(a) -> int:
     if not Path(a.recipe).is_file():
         raise CLIError(f"--recipe: file '{a.recipe}' does not exist")
-    try:
-        recipe = load_recipe(a.recipe)
-    except ConfigError as e:
-        raise CLIError(f"recipe '{a.recipe}': {e}") from e
+    recipe = load_recipe(a.recipe)
+    _writable_dir(a.out, "--out")
     model = _model(a.model, a.factory)
     train = _data(a.data, "train", recipe.batch_size, recipe.train_limit)
     val = _data(a.data, "test", max(recipe.batch_size, 256), recipe.val_limit)
-    try:
-        res = run_pipeline(model, recipe, train=train, val=val, out=a.out, resume=a.resume, quiet=a.quiet,
-                           describe={"model": a.model, "data": a.data, "recipe": str(a.recipe)})
-    except (RunError, ConfigError) as e:
-        raise CLIError(str(e)) from e
+    res = run_pipeline(model, recipe, train=train, val=val, out=a.out, resume=a.resume, quiet=a.quiet,
+                       describe={"model": a.model, "data": a.data, "recipe": str(a.recipe)})
     print(f"{res.status}: run directory {res.run_dir} (final model in {res.run_dir / 'model'})")
     if res.message:
         print(res.message)
@@ -143,6 +166,8 @@ def cmd_prune(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    _positive(a.limit, "--limit")
+    _positive(a.batch_size, "--batch-size")
     model = _model(a.model, a.factory)
     if a.pruned:
         model = _load_pruned(model, a.pruned)
@@ -160,12 +185,22 @@ def cmd_bench(a) -> int:
         sizes = [int(s) for s in a.batch_sizes.split(",")]
     except ValueError:
         raise CLIError(f"--batch-sizes must be comma-separated ints, got '{a.batch_sizes}'") from None
-    dense = _model(a.model, a.factory)
+    if not sizes or min(sizes) < 1:
+        raise CLIError(f"--batch-sizes must be ints >= 1, got '{a.batch_sizes}'")
+    _positive(a.reps, "--reps")
+    _positive(a.threads, "--threads")
+    if a.json:
+        _writable_dir(str(Path(a.json).parent), "--json's directory")
     if a.input_shape:
         try:
-            x = torch.randn(*[int(s) for s in a.input_shape.split(",")])
+            shape = [int(s) for s in a.input_shape.split(",")]
+            if min(shape) < 1:
+                raise ValueError
         except ValueError:
-            raise CLIError(f"--input-shape must be comma-separated ints, got '{a.input_shape}'") from None
+            raise CLIError(f"--input-shape must be comma-separated ints >= 1, got '{a.input_shape}'") from None
+    dense = _model(a.model, a.factory)
+    if a.input_shape:
+        x = torch.randn(*shape)
     elif a.data:
         x = split_batch(_data(a.data, "test", 1, 1)[0])[0]
     else:
@@ -183,19 +218,16 @@ def cmd_bench(a) -> int:
 def cmd_report(a) -> int:
     if not Path(a.run_dir).is_dir():
         raise CLIError(f"run directory '{a.run_dir}' does not exist")
-    try:
-        paths = write_report(a.run_dir, a.out or str(Path(a.run_dir) / "report"))
-    except ReportError as e:
-        raise CLIError(str(e)) from e
+    out = a.out or str(Path(a.run_dir) / "report")
+    _writable_dir(out, "--out")
+    paths = write_report(a.run_dir, out)
     print(f"wrote {paths['html']} and {paths['md']}")
     return 0
 
 
 def cmd_export(a) -> int:
-    try:
-        info = export_gguf(a.model, a.out, dtype=a.quant, tokenizer=a.tokenizer, tokenizer_pre=a.tokenizer_pre)
-    except (ExportError, LoadError) as e:
-        raise CLIError(str(e)) from e
+    _writable_dir(str(Path(a.out).parent), "--out's directory")
+    info = export_gguf(a.model, a.out, dtype=a.quant, tokenizer=a.tokenizer, tokenizer_pre=a.tokenizer_pre)
     print(f"wrote {info['path']} ({info['architecture']}, {info['layers']} layers, {a.quant}, {info['bytes']} bytes)")
     return 0
 
@@ -211,8 +243,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[a.command](a)
-    except CLIError as e:
-        print(f"prunekit {a.command}: error: {e}", file=sys.stderr)
+    except PrunekitError as e:              # bad input / failed check: one line; anything else is a bug
+        if getattr(a, "debug", False):
+            traceback.print_exc()
+        print(f"prunekit: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-__all__ = ["PrunekitError", "ConfigError", "CalibrationDataError", "LoadError", "SaveError", "RunError", "ExportError",
+__all__ = ["PrunekitError", "ConfigError", "InputTypeError", "CalibrationDataError", "LoadError", "SaveError",
+           "RunError", "ExportError",
            "UnsupportedHardwareError", "DataError", "GraphError", "RecoveryDiverged", "CompareError",
            "MetricError", "ReportError"]
 
@@ -19,6 +20,10 @@ class PrunekitError(Exception):
 
 class ConfigError(PrunekitError, ValueError):
     """A config field has a wrong name, type or value. The message names the field and what to do."""
+
+
+class InputTypeError(PrunekitError, TypeError):
+    """An argument has the wrong type (a model that is not an nn.Module, batches of an unusable form, ...)."""
 
 
 class CalibrationDataError(PrunekitError, ValueError):

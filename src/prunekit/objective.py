@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from prunekit.batch import call_model, split_batch
 from prunekit.data import load
+from prunekit.errors import CalibrationDataError, InputTypeError
 
 # --------------------------------------------------------------------------------------------- calibration
 
@@ -21,16 +22,17 @@ def default_loss(output: Any, targets: Any) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
     loss = model_loss(output)
     if loss is None:
-        raise ValueError("Taylor/sensitivity: the calibration batches have no targets and the model output has "
-                         "no .loss; pass loss_fn=lambda output, targets: ... or batches of (inputs, targets)")
+        raise CalibrationDataError("Taylor/sensitivity: the calibration batches have no targets and the model output "
+                                   "has no .loss; pass loss_fn=lambda output, targets: ... or batches of (inputs, "
+                                   "targets)")
     return loss
 
 
 def _calibration_batches(data, n: Optional[int]) -> list:
     if data is None:
-        raise ValueError("this importance criterion is data-aware: give it calibration batches, e.g. "
-                         "Taylor(data=prunekit.data.load('fashion-mnist', limit=512)) (a recipe gets the run's "
-                         "calibration data automatically)")
+        raise CalibrationDataError("this importance criterion is data-aware: give it calibration batches, e.g. "
+                                   "Taylor(data=prunekit.data.load('fashion-mnist', limit=512)) (a recipe gets the "
+                                   "run's calibration data automatically)")
     if isinstance(data, str):
         data = load(data, split="train")
     out = []
@@ -39,7 +41,7 @@ def _calibration_batches(data, n: Optional[int]) -> list:
             break
         out.append(b)
     if not out:
-        raise ValueError("the calibration data holds no batches")
+        raise CalibrationDataError("the calibration data holds no batches")
     return out
 
 
@@ -71,8 +73,8 @@ def logits_of(output: Any) -> torch.Tensor:
         return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; return a tensor, "
-                    f"a tuple starting with logits, or an object with a .logits attribute")
+    raise InputTypeError(f"cannot find logits in a model output of type {type(output).__name__}; return a tensor, "
+                         f"a tuple starting with logits, or an object with a .logits attribute")
 
 
 def model_loss(output: Any) -> Optional[torch.Tensor]:
@@ -89,8 +91,8 @@ def task_loss(output: Any, targets: Any) -> torch.Tensor:
     if targets is None:
         loss = model_loss(output)
         if loss is None:
-            raise ValueError("loss='task' or 'mixed' needs targets: give batches as (inputs, targets), or inputs "
-                             "with 'labels' so the model returns .loss")
+            raise CalibrationDataError("loss='task' or 'mixed' needs targets: give batches as (inputs, targets), or "
+                                       "inputs with 'labels' so the model returns .loss")
         return loss
     logits = logits_of(output)
     if logits.dim() > 2:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from prunekit.data import cache_dir, resolve_callable
 from prunekit.data import load as load_data
+from prunekit.errors import ConfigError, InputTypeError
 from prunekit.io.atomic import save_safetensors_atomic
 
 FASHION_MNIST_CNN_VERSION = "v1"   # bump when the architecture or training recipe changes (invalidates cache)
@@ -81,7 +82,7 @@ def accuracy(model: nn.Module, batches) -> float:
             total += int(y.numel())
     model.train(was_training)
     if total == 0:
-        raise ValueError("accuracy(): the batches held no examples")
+        raise ConfigError("accuracy(): the batches held no examples")
     return correct / total
 
 
@@ -161,9 +162,9 @@ def _load_safetensors_into(model: nn.Module, path: Union[str, Path]) -> nn.Modul
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"weights in {path} do not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, shape mismatches (file vs model) {wrong[:5]}. Does the factory build "
-                         f"the same (pruned?) architecture?")
+        raise ConfigError(f"weights in {path} do not fit {type(model).__name__}: missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}, shape mismatches (file vs model) {wrong[:5]}. Does the factory build "
+                          f"the same (pruned?) architecture?")
     model.load_state_dict(state, strict=True)
     return model
 
@@ -189,23 +190,23 @@ def resolve_model(spec: str, factory: Optional[Union[str, Callable[[], nn.Module
     path = Path(spec)
     if spec.endswith(".safetensors"):
         if not path.exists():
-            raise FileNotFoundError(f"model weights '{spec}' not found")
+            raise ConfigError(f"model weights '{spec}' not found")
         if factory is None:
-            raise ValueError(f"'{spec}' holds weights only; also give the architecture as a factory, e.g. "
-                             f"--factory mypkg.models:build (a function returning an nn.Module)")
+            raise ConfigError(f"'{spec}' holds weights only; also give the architecture as a factory, e.g. "
+                              f"--factory mypkg.models:build (a function returning an nn.Module)")
         build = resolve_callable(factory, "model factory") if isinstance(factory, str) else factory
         return _load_safetensors_into(_check_module(build(), factory), path)
     if path.is_dir():
         return _load_hf_dir(path)
     if ":" in spec and not path.exists():
         return _check_module(resolve_callable(spec, "model")(), spec)
-    raise ValueError(f"cannot resolve model '{spec}': not a zoo name ({sorted(ZOO)}), not a .safetensors file, "
-                     f"not a directory with config.json, and not 'package.module:factory'")
+    raise ConfigError(f"cannot resolve model '{spec}': not a zoo name ({sorted(ZOO)}), not a .safetensors file, "
+                      f"not a directory with config.json, and not 'package.module:factory'")
 
 
 def _check_module(obj, spec) -> nn.Module:
     if not isinstance(obj, nn.Module):
-        raise TypeError(f"model factory '{spec}' returned {type(obj).__name__}, expected a torch.nn.Module")
+        raise InputTypeError(f"model factory '{spec}' returned {type(obj).__name__}, expected a torch.nn.Module")
     return obj
 
 
@@ -213,7 +214,7 @@ def _load_hf_dir(path: Path) -> nn.Module:
     """Load a local Hugging Face checkpoint directory without touching the network."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise ValueError(f"directory '{path}' has no config.json, so it is not a Hugging Face model directory")
+        raise ConfigError(f"directory '{path}' has no config.json, so it is not a Hugging Face model directory")
     try:
         import transformers
     except ImportError as e:

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from prunekit.batch import _eval_mode, _map_tensors, _model_device, call_batch
+from prunekit.errors import ConfigError, GraphError, InputTypeError
 
 __all__ = ["CalibrationDataError", "as_batches", "find_blocks", "ActivationBuffer", "capture_block_inputs",
            "run_layerwise", "run_whole", "measure_peak_memory", "peak_rss_bytes"]
@@ -63,8 +64,8 @@ def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
         if n > best_params:
             best, best_params = (name, mod), n
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of repeated blocks with parameters; "
-                         f"use the whole-model pipeline (pipeline='whole') instead")
+        raise ConfigError(f"{type(model).__name__} has no nn.ModuleList of repeated blocks with parameters; "
+                          f"use the whole-model pipeline (pipeline='whole') instead")
     return best
 
 
@@ -97,7 +98,7 @@ def _block_output(out: Any) -> torch.Tensor:
         return out
     if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple"):
         return out[0]
-    raise TypeError(f"cannot find hidden states in a block output of type {type(out).__name__}")
+    raise InputTypeError(f"cannot find hidden states in a block output of type {type(out).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ buffer
@@ -110,7 +111,7 @@ class ActivationBuffer:
 
     def __init__(self, offload: str = "cpu", directory: Optional[str] = None):
         if offload not in ("cpu", "disk"):
-            raise ValueError(f"offload must be 'cpu' or 'disk', got {offload!r}")
+            raise ConfigError(f"offload must be 'cpu' or 'disk', got {offload!r}")
         self.offload = offload
         self._items: List[Any] = []
         self._dir = tempfile.mkdtemp(prefix="prunekit-act-", dir=directory) if offload == "disk" else None
@@ -194,8 +195,8 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[D
                 except _StopForward:
                     pass
                 if len(buf) != n + 1:
-                    raise RuntimeError(f"batch {i}: the forward pass finished without calling the first block "
-                                       f"({type(block).__name__}); does the model use its block list?")
+                    raise GraphError(f"batch {i}: the forward pass finished without calling the first block "
+                                     f"({type(block).__name__}); does the model use its block list?")
     except BaseException:
         buf.close()
         raise

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from prunekit.errors import MetricError
 from prunekit.evaluate.metrics import AGGREGATES, _mean
 
 
@@ -58,8 +59,8 @@ class EvalResult:
         """Recompute this metric on a subset of rows (used by slices and bootstrap)."""
         fn = AGGREGATES.get(self.aggregate_name, _mean if self.aggregate_name == "mean" else None)
         if fn is None:
-            raise ValueError(f"EvalResult for metric '{self.metric}' has aggregate '{self.aggregate_name}' that "
-                             f"prunekit does not know; known: {sorted(AGGREGATES) + ['mean']}")
+            raise MetricError(f"EvalResult for metric '{self.metric}' has aggregate '{self.aggregate_name}' that "
+                              f"prunekit does not know; known: {sorted(AGGREGATES) + ['mean']}")
         return fn(rows)
 
     def to_dict(self) -> dict:

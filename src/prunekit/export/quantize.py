@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from prunekit.errors import UnsupportedHardwareError
+from prunekit.errors import ConfigError, UnsupportedHardwareError
 
 
 # ----------------------------------------------------------------------------------------------- int8
@@ -42,10 +42,10 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
     same size and speed.
     """
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise ValueError(f"quantize_int8: {type(model).__name__} has no nn.Linear layers; dynamic int8 "
-                         f"quantization here only covers Linear layers")
+        raise ConfigError(f"quantize_int8: {type(model).__name__} has no nn.Linear layers; dynamic int8 "
+                          f"quantization here only covers Linear layers")
     if backend not in ("auto", "torchao", "torch.ao"):
-        raise ValueError(f"quantize_int8(backend={backend!r}): use 'auto', 'torchao' or 'torch.ao'")
+        raise ConfigError(f"quantize_int8(backend={backend!r}): use 'auto', 'torchao' or 'torch.ao'")
     m = model if inplace else copy.deepcopy(model)
     m = m.cpu().eval()
     use_ao = backend == "torchao" or (backend == "auto" and _has_torchao())
@@ -65,8 +65,8 @@ def quantize_int8(model: nn.Module, inplace: bool = False, backend: str = "auto"
 def mask_2to4(weight: torch.Tensor) -> torch.Tensor:
     """Boolean mask keeping the 2 largest-magnitude weights in every group of 4 consecutive inputs (dim 1)."""
     if weight.dim() != 2 or weight.shape[1] % 4:
-        raise ValueError(f"2:4 sparsity needs a 2-D weight whose input dim is a multiple of 4, got "
-                         f"{tuple(weight.shape)}")
+        raise ConfigError(f"2:4 sparsity needs a 2-D weight whose input dim is a multiple of 4, got "
+                          f"{tuple(weight.shape)}")
     g = weight.detach().abs().reshape(weight.shape[0], -1, 4)
     keep = torch.zeros_like(g, dtype=torch.bool)
     keep.scatter_(-1, g.topk(2, dim=-1).indices, True)
@@ -110,6 +110,6 @@ def semi_structured_2to4(model: nn.Module, dtype: torch.dtype = torch.float16, i
             mod.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
         converted.append(name)
     if not converted:
-        raise ValueError(f"semi_structured_2to4: no Linear layer of {type(model).__name__} has a supported shape; "
-                         f"skipped: {skipped}")
+        raise ConfigError(f"semi_structured_2to4: no Linear layer of {type(model).__name__} has a supported shape; "
+                          f"skipped: {skipped}")
     return {"model": m, "converted": converted, "skipped": skipped}

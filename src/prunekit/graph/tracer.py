@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from prunekit.errors import GraphError
+from prunekit.errors import ConfigError, GraphError
 from prunekit.graph.labels import IdSpace, collapse, reduce_to, tracked
 from prunekit.graph.ops import IGNORED, op_name, tensors
 from prunekit.graph.rules import apply
@@ -291,7 +291,7 @@ def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str
     gqa: "groups" (a KV head goes with all the query heads that read it) or "query_heads" (KV heads stay;
     query heads go, the same number from every KV group)."""
     if gqa not in GQA_MODES:
-        raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
+        raise ConfigError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
     tr = Tracer(model, ignore)
     tr.gqa = gqa
     handles = []

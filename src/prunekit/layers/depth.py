@@ -159,8 +159,8 @@ def replay_layers(model: nn.Module, plan: Dict) -> nn.Module:
 @register_handler(Layers)
 def prune_layers(model: nn.Module, cfg: Layers, *, data=None, inplace: bool = False, **_) -> PruneResult:
     if data is None:
-        raise ValueError("prune(model, Layers(...)) needs data=: calibration batches (input_ids tensors of shape "
-                         "(B, T) or dicts of forward keyword arguments)")
+        raise ConfigError("prune(model, Layers(...)) needs data=: calibration batches (input_ids tensors of shape "
+                          "(B, T) or dicts of forward keyword arguments)")
     batches = _batches(data)
     was = model.training
     model.eval()

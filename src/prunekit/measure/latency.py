@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from prunekit.batch import call_with_inputs
+from prunekit.errors import ConfigError, InputTypeError
 from prunekit.measure.env import environment_info
 
 
@@ -38,7 +39,7 @@ def _first_dim(x) -> int:
         return _first_dim(next(iter(x.values())))
     if isinstance(x, (list, tuple)):
         return _first_dim(x[0])
-    raise TypeError(f"inputs must be tensors (or a dict/tuple of tensors) with a batch dimension, got {type(x)}")
+    raise InputTypeError(f"inputs must be tensors (or a dict/tuple of tensors) with a batch dimension, got {type(x)}")
 
 
 def make_batch(inputs, batch_size: int):
@@ -59,8 +60,8 @@ def make_batch(inputs, batch_size: int):
         return {k: grow(v) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
         return type(inputs)(grow(t) for t in inputs)
-    raise TypeError(f"inputs must be a tensor, a dict/tuple of tensors, or a callable batch_size -> inputs; "
-                    f"got {type(inputs).__name__}")
+    raise InputTypeError(f"inputs must be a tensor, a dict/tuple of tensors, or a callable batch_size -> inputs; "
+                         f"got {type(inputs).__name__}")
 
 
 def _sync(device_type: str):
@@ -139,9 +140,9 @@ def measure_latency(models: Dict[str, nn.Module], inputs, batch_sizes: Iterable[
     Models are put in eval mode and run under `torch.inference_mode()`.
     """
     if not models:
-        raise ValueError("measure_latency: models is empty; pass {'dense': model, 'pruned': other}")
+        raise ConfigError("measure_latency: models is empty; pass {'dense': model, 'pruned': other}")
     if reps < 1 or warmup < 0:
-        raise ValueError(f"measure_latency: need reps >= 1 and warmup >= 0, got reps={reps} warmup={warmup}")
+        raise ConfigError(f"measure_latency: need reps >= 1 and warmup >= 0, got reps={reps} warmup={warmup}")
     names = list(models)
     rows = []
     with pinned_threads(threads, pin_affinity), torch.inference_mode():

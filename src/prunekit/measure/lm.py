@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from prunekit.batch import forward_parameters
+from prunekit.errors import InputTypeError
 from prunekit.measure.latency import _stats_ms, _sync, pinned_threads
 
 
@@ -30,8 +31,8 @@ def _cache_of(out):
     if cache is None:
         cache = getattr(out, "past_key_values", None)
     if cache is None:
-        raise TypeError(f"model output {type(out).__name__} has no KV cache (.cache / .past_key_values); "
-                        f"decode_tokens_per_s needs a causal LM that supports use_cache=True")
+        raise InputTypeError(f"model output {type(out).__name__} has no KV cache (.cache / .past_key_values); "
+                             f"decode_tokens_per_s needs a causal LM that supports use_cache=True")
     return cache
 
 

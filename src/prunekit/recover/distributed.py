@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from prunekit.errors import ConfigError, InputTypeError
+
 
 def maybe_init_process_group() -> bool:
     """True when this process is part of a multi-process job, initializing the default group from
@@ -43,12 +45,12 @@ def batch_size_of(obj: Any) -> int:
         for v in obj.values():
             if isinstance(v, (torch.Tensor, list)):
                 return batch_size_of(v)
-        raise ValueError("cannot tell the batch size of a dict without tensors or lists")
+        raise ConfigError("cannot tell the batch size of a dict without tensors or lists")
     if isinstance(obj, tuple):
         return batch_size_of(obj[0])
     if isinstance(obj, list):
         return len(obj)
-    raise TypeError(f"cannot tell the batch size of a {type(obj).__name__}")
+    raise InputTypeError(f"cannot tell the batch size of a {type(obj).__name__}")
 
 
 def take(obj: Any, lo: int, hi: int) -> Any:
@@ -61,14 +63,14 @@ def take(obj: Any, lo: int, hi: int) -> Any:
         return {k: take(v, lo, hi) if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in obj.items()}
     if obj is None:
         return None
-    raise TypeError(f"cannot shard a {type(obj).__name__} across processes")
+    raise InputTypeError(f"cannot shard a {type(obj).__name__} across processes")
 
 
 def shard_bounds(n: int, rank: int, world: int) -> Tuple[int, int]:
     """Contiguous split of n examples, the first n % world ranks getting one more (like numpy.array_split)."""
     if n < world:
-        raise ValueError(f"a global batch of {n} examples cannot be split across {world} processes; "
-                         f"use batches of at least {world} examples")
+        raise ConfigError(f"a global batch of {n} examples cannot be split across {world} processes; "
+                          f"use batches of at least {world} examples")
     base, extra = divmod(n, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)

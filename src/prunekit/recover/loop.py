@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from prunekit.batch import call_model, split_batch, to_device
 from prunekit.data import load
-from prunekit.errors import ConfigError, RecoveryDiverged
+from prunekit.errors import CalibrationDataError, ConfigError, InputTypeError, RecoveryDiverged
 from prunekit.objective import logits_of, task_loss
 from prunekit.recover import distributed as D
 from prunekit.recover.losses import FeatureTap, feature_loss, kd_loss, make_projection
@@ -71,10 +71,10 @@ def _as_sequence(data: Any) -> Sequence:
         try:
             seq = list(data)
         except TypeError:
-            raise TypeError(f"recover(data=...) must be batches (a list, prunekit.data.Batches, or any iterable of "
-                            f"(inputs, targets) or inputs), got {type(data).__name__}") from None
+            raise InputTypeError(f"recover(data=...) must be batches (a list, prunekit.data.Batches, or any iterable "
+                                 f"of (inputs, targets) or inputs), got {type(data).__name__}") from None
     if len(seq) == 0:
-        raise ValueError("recover(data=...) holds no batches")
+        raise CalibrationDataError("recover(data=...) holds no batches")
     return seq
 
 
@@ -103,7 +103,7 @@ def _param_groups(student: nn.Module, weight_decay: float) -> List[Dict[str, Any
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     if not decay and not no_decay:
-        raise ValueError("recover(): the model has no trainable parameters (all requires_grad=False)")
+        raise ConfigError("recover(): the model has no trainable parameters (all requires_grad=False)")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -169,16 +169,16 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
     """
     cfg = (config if config is not None else Recover())
     if not isinstance(cfg, Recover):
-        raise TypeError(f"recover(config=...) must be a prunekit Recover config, got {type(cfg).__name__}")
+        raise InputTypeError(f"recover(config=...) must be a prunekit Recover config, got {type(cfg).__name__}")
     if options:
         cfg = cfg.replace(**options)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"recover(model): expected a torch.nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"recover(model): expected a torch.nn.Module, got {type(model).__name__}")
     if teacher is model:
-        raise ValueError("recover(): teacher is the same object as the model being trained; pass an unpruned "
-                         "copy (e.g. copy.deepcopy(model) taken before pruning)")
+        raise ConfigError("recover(): teacher is the same object as the model being trained; pass an unpruned "
+                          "copy (e.g. copy.deepcopy(model) taken before pruning)")
     if data is None:
-        raise ValueError("recover() needs data=...: batches of (inputs, targets) or inputs alone")
+        raise CalibrationDataError("recover() needs data=...: batches of (inputs, targets) or inputs alone")
     data_spec = data if isinstance(data, str) else None
     batches = _as_sequence(data)
     mode = _resolve_loss(cfg, teacher)
@@ -296,8 +296,8 @@ class _Loop:
             return False
         model_state, st = loaded
         if st["num_batches"] != self.steps_per_epoch:
-            raise ValueError(f"checkpoint in {self.run_dir.path} was made with {st['num_batches']} batches per "
-                             f"epoch, but data now has {self.steps_per_epoch}; resume with the same data")
+            raise ConfigError(f"checkpoint in {self.run_dir.path} was made with {st['num_batches']} batches per "
+                              f"epoch, but data now has {self.steps_per_epoch}; resume with the same data")
         self.student.load_state_dict(model_state, strict=True)
         self.epoch, self.next_batch, self.step = st["epoch"], st["next_batch"], st["global_step"]
         self.order, self.history = st["order"], st["history"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prunekit.errors import ConfigError, GraphError
 from prunekit.objective import logits_of
 
 
@@ -27,8 +28,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     The T^2 factor keeps gradient magnitudes independent of T (Hinton et al. 2015), so `lr` and `alpha`
     mean the same thing whatever temperature is chosen."""
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"KD needs student and teacher logits of one shape, got {tuple(student_logits.shape)} vs "
-                         f"{tuple(teacher_logits.shape)}; was the output layer pruned? Keep it, or use loss='task'.")
+        raise ConfigError(f"KD needs student and teacher logits of one shape, got {tuple(student_logits.shape)} vs "
+                          f"{tuple(teacher_logits.shape)}; was the output layer pruned? Keep it, or use loss='task'.")
     s = _rows(student_logits, mask).float() / temperature
     t = _rows(teacher_logits, mask).float() / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
@@ -47,8 +48,8 @@ def make_projection(student_feat: torch.Tensor, teacher_feat: torch.Tensor, wher
     d = _feature_dim(teacher_feat)
     s_shape, t_shape = list(student_feat.shape), list(teacher_feat.shape)
     if student_feat.dim() != teacher_feat.dim() or s_shape[:d] + s_shape[d + 1:] != t_shape[:d] + t_shape[d + 1:]:
-        raise ValueError(f"feature loss at {where}: student output {tuple(s_shape)} and teacher output "
-                         f"{tuple(t_shape)} differ in more than the channel dimension; pick other modules")
+        raise ConfigError(f"feature loss at {where}: student output {tuple(s_shape)} and teacher output "
+                          f"{tuple(t_shape)} differ in more than the channel dimension; pick other modules")
     cs, ct = s_shape[d], t_shape[d]
     if cs == ct:
         return nn.Identity()
@@ -72,8 +73,8 @@ class FeatureTap:
         if missing:
             import difflib
             hints = {n: difflib.get_close_matches(n, list(modules), n=1) for n in missing}
-            raise ValueError(f"{who} has no modules {missing} for the feature loss (closest: {hints}); names come "
-                             f"from model.named_modules()")
+            raise ConfigError(f"{who} has no modules {missing} for the feature loss (closest: {hints}); names come "
+                              f"from model.named_modules()")
         self.names = names
         self.outputs: Dict[str, torch.Tensor] = {}
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
@@ -87,7 +88,7 @@ class FeatureTap:
         """Outputs of the last forward, in `names` order (and forget them)."""
         missing = [n for n in self.names if n not in self.outputs]
         if missing:
-            raise RuntimeError(f"modules {missing} did not run in the forward pass; the feature loss cannot use them")
+            raise GraphError(f"modules {missing} did not run in the forward pass; the feature loss cannot use them")
         out = [self.outputs[n] for n in self.names]
         self.outputs.clear()
         return out

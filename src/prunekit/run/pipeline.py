@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
+import yaml
 
 from prunekit.api import PruneResult
 from prunekit.batch import split_batch
@@ -142,17 +143,62 @@ def normalize_stage(stage: Any, i: int) -> Dict[str, Any]:
     return out
 
 
+MAX_RECIPE_BYTES = 1 << 20          # a recipe is a few hundred bytes; anything near a MiB is not one
+MAX_RECIPE_DEPTH = 32               # stages > stage > config > importance > ... is about 6 deep
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (no billion-laughs expansion: `*a` is an error, anchors alone are
+    harmless) and nesting deeper than MAX_RECIPE_DEPTH (instead of a RecursionError)."""
+
+    def __init__(self, stream, where: str):
+        super().__init__(stream)
+        self.where, self.depth = where, 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            raise ConfigError(f"{self.where} line {ev.start_mark.line + 1}: YAML aliases (*{ev.anchor}) are not "
+                              f"allowed in recipes; write the value out in full")
+        self.depth += 1
+        if self.depth > MAX_RECIPE_DEPTH:
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{self.where} line {mark.line + 1}: nesting deeper than {MAX_RECIPE_DEPTH} levels; "
+                              f"a recipe is a short list of stages (see prunekit.run.pipeline)")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def read_recipe_file(path: Union[str, Path]) -> Any:
+    """Parse a YAML/JSON recipe file safely: size-limited, UTF-8 only, no aliases, bounded nesting."""
+    p = Path(path)
+    where = f"recipe '{p}'"
+    if not p.is_file():
+        raise ConfigError(f"{where}: file not found (or not a regular file); pass the path of a YAML/JSON recipe")
+    if p.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{where} is {p.stat().st_size} bytes, over the {MAX_RECIPE_BYTES}-byte limit for "
+                          f"recipes; is this the right file?")
+    raw = p.read_bytes()[:MAX_RECIPE_BYTES + 1]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it "
+                          f"as UTF-8") from None
+    loader = _RecipeLoader(text, where)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML/JSON: " + " ".join(str(e).split())) from None
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path_or_dict: Union[str, Path, Dict[str, Any]]) -> Recipe:
     """A Recipe from a YAML/JSON file or a dict (`type: Recipe` optional)."""
     if isinstance(path_or_dict, (str, Path)):
-        p = Path(path_or_dict)
-        if not p.is_file():
-            raise FileNotFoundError(f"recipe file '{p}' not found")
-        import yaml
-        try:
-            d = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe '{p}' is not valid YAML/JSON: {e}") from e
+        d = read_recipe_file(path_or_dict)
     else:
         d = path_or_dict
     if isinstance(d, list):

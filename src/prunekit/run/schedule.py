@@ -30,7 +30,7 @@ import torch.nn as nn
 from prunekit.api import prune
 from prunekit.batch import split_batch
 from prunekit.config import Config, check_type, register_config
-from prunekit.errors import ConfigError
+from prunekit.errors import CalibrationDataError, ConfigError
 from prunekit.evaluate.core import evaluate
 from prunekit.graph.groups import DependencyGraph
 from prunekit.io.state import load_state, replay
@@ -156,7 +156,7 @@ class Gradual(Config):
 def cubic_sparsity(t: int, steps: int, final: float, initial: float = 0.0) -> float:
     """Zhu & Gupta: sparsity after step t of `steps` (t = 1..steps); equals `final` at t = steps."""
     if not 0 <= t <= steps:
-        raise ValueError(f"cubic_sparsity: step {t} outside 0..{steps}")
+        raise ConfigError(f"cubic_sparsity: step {t} outside 0..{steps}")
     return final + (initial - final) * (1.0 - t / steps) ** 3
 
 
@@ -342,12 +342,12 @@ class Executor:
 
     def _calibration(self):
         if self.train is None:
-            raise ValueError("this step needs calibration data: pass train= batches")
+            raise CalibrationDataError("this step needs calibration data: pass train= batches")
         return [b for _, b in zip(range(self.calibration_batches), self.train)]
 
     def _recover(self, i: int, step: Step) -> Dict[str, Any]:
         if self.train is None:
-            raise ValueError(f"step '{step.label}' (recover) needs training data: pass train= batches")
+            raise CalibrationDataError(f"step '{step.label}' (recover) needs training data: pass train= batches")
         teacher = self.original if self.distill else None
         ckpt = self.recover_dir(i) if self.recover_dir else None
         res = recover(self.model, teacher=teacher, data=self.train, config=step.config, checkpoint_dir=ckpt,
@@ -357,7 +357,7 @@ class Executor:
 
     def metric(self, model: nn.Module, cfg: Evaluate) -> float:
         if self.val is None:
-            raise ValueError("evaluation needs validation data: pass val= batches")
+            raise CalibrationDataError("evaluation needs validation data: pass val= batches")
         return float(evaluate(model, self.val, cfg.metric, max_batches=cfg.max_batches).value)
 
     def _evaluate(self, i: int, step: Step) -> Dict[str, Any]:

@@ -21,6 +21,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from prunekit.errors import ConfigError
+
 __all__ = ["parse_pattern", "pattern_sparsity", "mask_from_scores", "magnitude_mask", "wanda_scores",
            "wanda_mask", "sparsegpt_prune", "InputStats", "owl_block_sparsity", "outlier_ratio"]
 
@@ -32,17 +34,17 @@ def parse_pattern(pattern: str) -> Optional[Tuple[int, int]]:
 
     Raises ValueError naming the pattern otherwise (e.g. "3:2" would keep more weights than the group has)."""
     if not isinstance(pattern, str):
-        raise ValueError(f"pattern must be a string ('unstructured' or 'N:M' such as '2:4'), got {pattern!r}")
+        raise ConfigError(f"pattern must be a string ('unstructured' or 'N:M' such as '2:4'), got {pattern!r}")
     if pattern.strip().lower() == "unstructured":
         return None
     hit = _NM.match(pattern)
     if not hit:
-        raise ValueError(f"pattern {pattern!r} is neither 'unstructured' nor 'N:M' (e.g. '2:4': keep 2 of every 4)")
+        raise ConfigError(f"pattern {pattern!r} is neither 'unstructured' nor 'N:M' (e.g. '2:4': keep 2 of every 4)")
     n, m = int(hit.group(1)), int(hit.group(2))
     if not 0 < n < m:
         hint = f"; did you mean '{m}:{n}'?" if n > m > 0 else ""
-        raise ValueError(f"pattern {pattern!r}: N:M keeps N of every M consecutive input weights, so it needs "
-                         f"0 < N < M (got N={n}, M={m}){hint}")
+        raise ConfigError(f"pattern {pattern!r}: N:M keeps N of every M consecutive input weights, so it needs "
+                          f"0 < N < M (got N={n}, M={m}){hint}")
     return n, m
 
 
@@ -54,13 +56,13 @@ def pattern_sparsity(pattern: str) -> Optional[float]:
 
 def _check_matrix(W: torch.Tensor, what: str = "W") -> None:
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
-        raise ValueError(f"{what} must be a 2-D (out_features, in_features) tensor, got "
-                         f"{tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__}")
+        raise ConfigError(f"{what} must be a 2-D (out_features, in_features) tensor, got "
+                          f"{tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__}")
 
 
 def _check_sparsity(sparsity: float) -> None:
     if not (isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool) and 0.0 <= sparsity < 1.0):
-        raise ValueError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
+        raise ConfigError(f"sparsity must be a float in [0, 1), got {sparsity!r}")
 
 
 def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str = "unstructured",
@@ -80,8 +82,8 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str = "unst
     if nm is not None:
         n, m = nm
         if cols % m:
-            raise ValueError(f"pattern {pattern!r} groups input columns by {m}, but the matrix has {cols} columns "
-                             f"(not divisible by {m}); exclude this layer or use pattern='unstructured'")
+            raise ConfigError(f"pattern {pattern!r} groups input columns by {m}, but the matrix has {cols} columns "
+                              f"(not divisible by {m}); exclude this layer or use pattern='unstructured'")
         groups = scores.reshape(rows, cols // m, m)                          # (out, in/M, M)
         keep_idx = groups.topk(n, dim=-1, largest=True, sorted=False).indices  # (out, in/M, N)
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep_idx, True)
@@ -111,8 +113,8 @@ def wanda_scores(W: torch.Tensor, act_sq_norm: torch.Tensor) -> torch.Tensor:
     input activations per input feature. Returns (out, in) float32 scores."""
     _check_matrix(W)
     if act_sq_norm.dim() != 1 or act_sq_norm.shape[0] != W.shape[1]:
-        raise ValueError(f"act_sq_norm must have shape ({W.shape[1]},) to match W's in_features, "
-                         f"got {tuple(act_sq_norm.shape)}")
+        raise ConfigError(f"act_sq_norm must have shape ({W.shape[1]},) to match W's in_features, "
+                          f"got {tuple(act_sq_norm.shape)}")
     return W.detach().abs().float() * act_sq_norm.detach().float().clamp_min(0).sqrt().unsqueeze(0)
 
 
@@ -142,18 +144,18 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
     _check_matrix(W)
     rows, cols = W.shape
     if H.shape != (cols, cols):
-        raise ValueError(f"H must be ({cols}, {cols}) to match W's in_features, got {tuple(H.shape)}")
+        raise ConfigError(f"H must be ({cols}, {cols}) to match W's in_features, got {tuple(H.shape)}")
     nm = parse_pattern(pattern)
     if nm is None:
         _check_sparsity(sparsity)
     elif cols % nm[1]:
-        raise ValueError(f"pattern {pattern!r} needs in_features divisible by {nm[1]}, got {cols}")
+        raise ConfigError(f"pattern {pattern!r} needs in_features divisible by {nm[1]}, got {cols}")
     if mask is not None and mask.shape != W.shape:
-        raise ValueError(f"mask must have W's shape {tuple(W.shape)}, got {tuple(mask.shape)}")
+        raise ConfigError(f"mask must have W's shape {tuple(W.shape)}, got {tuple(mask.shape)}")
     if mask is None and nm is None and sparsity == 0:
         return W.clone(), torch.ones_like(W, dtype=torch.bool)              # nothing to prune: bit-identical
     if not isinstance(blocksize, int) or blocksize < 1:
-        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+        raise ConfigError(f"blocksize must be a positive int, got {blocksize!r}")
     if nm is not None:                                                       # groups must not straddle blocks
         blocksize = max(nm[1], blocksize - blocksize % nm[1])
 
@@ -170,8 +172,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: 
         L = torch.linalg.cholesky(Hf)
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # (in, in) upper Cholesky of H^-1
     except RuntimeError as e:  # torch.linalg.LinAlgError subclasses RuntimeError
-        raise ValueError(f"SparseGPT: the input Hessian is not positive definite even with dampening "
-                         f"{percdamp}; increase `dampening` (e.g. 0.1) or use more calibration data") from e
+        raise ConfigError(f"SparseGPT: the input Hessian is not positive definite even with dampening "
+                          f"{percdamp}; increase `dampening` (e.g. 0.1) or use more calibration data") from e
 
     keep = torch.ones_like(Wf, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
     for i1 in range(0, cols, blocksize):
@@ -219,7 +221,7 @@ class InputStats:
     def add_batch(self, inp: torch.Tensor) -> None:
         """inp: (..., in) activations entering the layer (any leading batch/sequence dims)."""
         if inp.shape[-1] != self.columns:
-            raise ValueError(f"InputStats expected inputs with last dim {self.columns}, got {tuple(inp.shape)}")
+            raise ConfigError(f"InputStats expected inputs with last dim {self.columns}, got {tuple(inp.shape)}")
         ref = self.H if self.H is not None else self.sq_norm
         x = inp.detach().reshape(-1, self.columns).to(device=ref.device, dtype=ref.dtype)  # (n, in)
         n = x.shape[0]

@@ -8,6 +8,7 @@ from typing import Dict
 
 import torch
 
+from prunekit.errors import ConfigError
 from prunekit.graph.groups import DependencyGraph, Group
 from prunekit.structured import criteria as S
 from prunekit.structured.config import MACs, Structured
@@ -23,8 +24,8 @@ def group_scores(graph: DependencyGraph, cfg: Structured, tensors: Dict[str, tor
         if callable(cfg.importance):
             s = torch.as_tensor(cfg.importance(g, tensors), dtype=torch.float64).reshape(-1)
             if s.numel() != g.n_units:
-                raise ValueError(f"importance callable returned {s.numel()} scores for {g.describe()} "
-                                 f"(expected {g.n_units})")
+                raise ConfigError(f"importance callable returned {s.numel()} scores for {g.describe()} "
+                                  f"(expected {g.n_units})")
         elif cfg.importance == "random":
             s = S.random_scores(g, gen)
         else:

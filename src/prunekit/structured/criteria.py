@@ -10,6 +10,8 @@ from typing import Dict, Optional
 
 import torch
 
+from prunekit.errors import ConfigError
+
 
 def channel_norms(w: torch.Tensor, dim: int, p: int = 2) -> torch.Tensor:
     """(size of `dim`,) p-norm**p of every slice of `w` along `dim`: sum |w|^p over the other dims."""
@@ -66,7 +68,7 @@ def magnitude_group_scores(group, tensors: Dict[str, torch.Tensor], p: int = 2,
         total += normalize(s, norm)
         used += 1
     if used == 0:
-        raise ValueError(f"group {group.index} has no parameters to score")
+        raise ConfigError(f"group {group.index} has no parameters to score")
     return total
 
 

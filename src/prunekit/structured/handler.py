@@ -26,8 +26,8 @@ from prunekit.structured.surgery import apply_kept
 def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, inplace: bool = False,
                      graph: Optional[DependencyGraph] = None, **_) -> PruneResult:
     if example_inputs is None:
-        raise ValueError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
-                         "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
+        raise ConfigError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
+                          "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
     t0 = time.perf_counter()
     info: Dict[str, Any] = {}
     original = model

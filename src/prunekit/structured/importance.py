@@ -50,7 +50,7 @@ ChannelValues = Dict[Tuple[str, int], torch.Tensor]     # (tensor name, dim) -> 
 def aggregate(per_member: Sequence[torch.Tensor], agg: str = "sum") -> torch.Tensor:
     """Combine per-member unit scores (each (n_units,)) into one score per unit: sum, mean or max."""
     if not per_member:
-        raise ValueError("aggregate(): no member scores to combine")
+        raise ConfigError("aggregate(): no member scores to combine")
     stacked = torch.stack([s.double() for s in per_member])
     if agg == "sum":
         return stacked.sum(0)
@@ -58,7 +58,7 @@ def aggregate(per_member: Sequence[torch.Tensor], agg: str = "sum") -> torch.Ten
         return stacked.mean(0)
     if agg == "max":
         return stacked.max(0).values
-    raise ValueError(f"aggregate(): agg must be one of {AGGS}, got {agg!r}")
+    raise ConfigError(f"aggregate(): agg must be one of {AGGS}, got {agg!r}")
 
 
 def combine(group, channel_values: ChannelValues, agg: str = "sum", norm: Optional[str] = "mean",
@@ -76,7 +76,7 @@ def combine(group, channel_values: ChannelValues, agg: str = "sum", norm: Option
             continue
         per.append(S.normalize(S.to_units(v.reshape(-1), m.pos, m.unit, group.n_units, reduce), norm))
     if not per:
-        raise ValueError(f"no scored tensor in {group.describe()}; this criterion cannot rank it")
+        raise ConfigError(f"no scored tensor in {group.describe()}; this criterion cannot rank it")
     return aggregate(per, agg)
 
 
@@ -142,7 +142,7 @@ def accumulate_taylor(model: nn.Module, batches: list, wanted: Iterable[Tuple[st
             with torch.enable_grad():
                 loss = batch_loss(model, b, loss_fn)
                 if not torch.isfinite(loss):
-                    raise ValueError(f"Taylor importance: the calibration loss is {float(loss)}; check the data")
+                    raise ConfigError(f"Taylor importance: the calibration loss is {float(loss)}; check the data")
                 loss.backward()
             for n, d in wanted:
                 g = params[n].grad
