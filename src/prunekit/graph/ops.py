@@ -6,9 +6,11 @@ metadata reads that the tracer does not even count.
 """
 from __future__ import annotations
 
-from typing import List
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.overrides import get_testing_overrides
 from torch.utils._pytree import tree_flatten
 
 ELEMENTWISE = {
@@ -43,7 +45,7 @@ CREATION = {
     "zeros", "ones", "empty", "full", "arange", "linspace", "randn", "rand", "randint", "zeros_like",
     "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones", "new_empty",
     "new_full", "new_tensor", "tensor", "as_tensor", "eye", "tril", "triu", "meshgrid", "bernoulli", "multinomial",
-    "argmax", "argmin", "argsort", "cumsum", "nonzero", "__len__", "tril_", "triu_", "one_hot", "bucketize",
+    "argmax", "argmin", "cumsum", "nonzero", "__len__", "tril_", "triu_", "one_hot", "bucketize",
     "searchsorted",
 }
 REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any",
@@ -83,3 +85,55 @@ def arg(args, kwargs, i, name, default=None):
     if len(args) > i:
         return args[i]
     return kwargs.get(name, default)
+
+
+_EMPTY = inspect.Parameter.empty
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_signatures: Dict[Any, Optional[List[Tuple[str, Any]]]] = {}
+_overrides: Dict[Any, Any] = {}
+
+
+def _positional_params(func) -> Optional[List[Tuple[str, Any]]]:
+    """(name, default or inspect.Parameter.empty) of the parameters `func` accepts by position: from the
+    Python signature, else torch's table of dummy signatures for overridable functions and Tensor methods,
+    else the ATen schema of the op of that name."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        if not _overrides:
+            _overrides.update(get_testing_overrides())
+        dummy = _overrides.get(func)
+        sig = inspect.signature(dummy) if dummy is not None else None
+    if sig is not None:
+        return [(p.name, p.default) for p in sig.parameters.values() if p.kind in _POSITIONAL]
+    schemas = torch._C._jit_get_schemas_for_operator(f"aten::{op_name(func)}")
+    if not schemas:
+        return None
+    return [(a.name, a.default_value if a.has_default_value() else _EMPTY)
+            for a in schemas[0].arguments if not a.kwarg_only]
+
+
+def positional(func, args: tuple, kwargs: dict) -> tuple:
+    """`args` extended with the keyword arguments that `func` would also take by position, in signature order
+    (gaps take their defaults), so a rule can read `args[i]` however the caller wrote the call
+    (`torch.baddbmm(x, batch1=q, batch2=k)` as BLOOM does). `kwargs` stays valid as well."""
+    if not kwargs:
+        return args
+    try:
+        params = _signatures[func]
+    except KeyError:
+        params = _signatures[func] = _positional_params(func)
+    except TypeError:                       # an unhashable callable
+        params = _positional_params(func)
+    if params is None:
+        return args
+    last = max((i for i, (n, _) in enumerate(params) if n in kwargs), default=-1)
+    out = list(args)
+    for n, default in params[len(args):last + 1]:
+        if n in kwargs:
+            out.append(kwargs[n])
+        elif default is not _EMPTY:
+            out.append(default)
+        else:
+            return args
+    return tuple(out)

@@ -59,7 +59,9 @@ class Trace:
     stat_ids: List[torch.Tensor]            # ids normalized together (LayerNorm/GroupNorm over them)
     conv_groups: Dict[str, int]             # module name -> groups of grouped convs seen
     grids: List[torch.Tensor] = field(default_factory=list)
-    split_attrs: List[Tuple[str, str, List[torch.Tensor]]] = field(default_factory=list)
+    split_attrs: List[Tuple[str, str, List[torch.Tensor], str]] = field(default_factory=list)
+    # (module, attribute, ids of each split part, kind): kind 'list' (the sizes), 'size' (the size of
+    # every part) or 'total' (the size of the split dim) says what the attribute holds
     output: Any = None
     n_ops: int = 0
 
@@ -82,7 +84,7 @@ class Tracer(TorchFunctionMode):
         self.stat_ids: List[torch.Tensor] = []
         self.conv_groups: Dict[str, int] = {}
         self.grids: List[torch.Tensor] = []     # multi-dim blocks (a channel dim split by a reshape)
-        self.split_attrs: List[Tuple[str, str, List[torch.Tensor]]] = []
+        self.split_attrs: List[Tuple[str, str, List[torch.Tensor], str]] = []
         self.module_by_name = dict(model.named_modules())
         self._grid_seen = set()
         self.module_stack: List[str] = [""]
@@ -99,6 +101,11 @@ class Tracer(TorchFunctionMode):
             if self._is_ignored(mname) and mname:
                 for p in list(mod.parameters()) + list(mod.buffers()):
                     self.ignored_param_ids.add(id(p))
+        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "." not in n and self._is_ignored(n):          # the model's own parameters, by name
+                self.ignored_param_ids.add(id(p))
+        self.ignored_ids: List[torch.Tensor] = []   # ids of ignored parameters (all pinned)
+        self.inputs: List[torch.Tensor] = []        # tensor inputs of the op being dispatched
 
     def _is_ignored(self, mname: str) -> bool:
         return any(p.fullmatch(mname) or mname == p.pattern or mname.startswith(p.pattern + ".")
@@ -119,6 +126,7 @@ class Tracer(TorchFunctionMode):
                 self.slots.append(Slot(name, d, ids, is_buf))
                 if id(t) in self.ignored_param_ids:
                     self.space.pin(ids)
+                    self.ignored_ids.append(ids)
                 if n > 1:
                     shape = [1] * t.dim()
                     shape[d] = n
@@ -233,33 +241,69 @@ class Tracer(TorchFunctionMode):
             raise
         except Exception as e:  # an index rule failed: say where
             raise GraphError(self.where(name) + f": prunekit could not propagate channels through this op "
-                             f"({type(e).__name__}: {e}). {self.hint()}") from e
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:300]}). {self.hint()}") from e
         return out
 
     def where(self, name):
-        mod = self.module_stack[-1] or "<model>"
-        return f"op '{name}' in module '{mod}'"
+        mod = self._module()
+        return f"op '{name}' in module '{mod}'" if mod else f"op '{name}' in the top-level forward of the model"
+
+    def _module(self) -> str:
+        """Innermost registered module running now ('' at the top level)."""
+        return next((m for m in reversed(self.module_stack) if m and m != "?"), "")
 
     def hint(self):
-        mod = self.module_stack[-1]
+        """An `ignore=` that makes the trace skip the failing op: its module, or at the top level the modules
+        (or model parameters) whose ids its inputs carry, nearest first."""
+        mod = self._module()
         if mod:
             return f"Pass ignore=['{mod}'] to leave this module untouched."
-        return "Pass ignore=[<module name>] to leave the surrounding module untouched."
+        feeders = self._feeders()
+        if feeders:
+            return f"Pass ignore={feeders!r} (what feeds it, nearest first) to leave those channels untouched."
+        return "No parameter feeds it; pass a smaller example input or report the op to prunekit."
+
+    def _feeders(self) -> List[str]:
+        ids = [b.reshape(-1) for t in self.inputs for b in self.blocks(t)]
+        ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+        ids = ids[ids > 0]
+        if self.ignored_ids:
+            ids = ids[~torch.isin(ids, torch.cat(self.ignored_ids))]
+        names = []
+        for s in sorted(self.slots, key=lambda s: -int(s.ids[0])):    # latest parameter first
+            if bool(torch.isin(s.ids, ids).any()):
+                owner = s.name.rpartition(".")[0] or s.name
+                if owner not in names:
+                    names.append(owner)
+        return names
+
+    def _only_ignored(self) -> bool:
+        """Every id the op's inputs carry belongs to an ignored parameter (so the op may be left alone)."""
+        ids = [b.reshape(-1) for t in self.inputs for b in self.blocks(t)]
+        ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+        ids = ids[ids > 0]
+        if not self.ignored_ids or ids.numel() == 0:
+            return False
+        return bool(torch.isin(ids, torch.cat(self.ignored_ids)).all())
 
     def dispatch(self, name, func, args, kwargs, out):
-        ins = tensors((args, kwargs))
+        ins = self.inputs = tensors((args, kwargs))
         has_blocks = any(self.blocks(t) for t in ins)
-        if self._is_ignored(self.module_stack[-1]) and self.module_stack[-1]:
-            # an ignored module keeps every channel it touches; its ops still count towards MACs
-            try:
-                apply(self, name, func, args, kwargs, out, has_blocks)
-            except GraphError:
-                for o in tensors(out):
-                    self.set(o, [])
+        mod = self.module_stack[-1]
+        ignored = bool(mod) and self._is_ignored(mod)
+        try:
+            apply(self, name, func, args, kwargs, out, has_blocks)
+        except Exception:
+            # an op without a rule is fine where nothing may change: in an ignored module, or on ids of
+            # ignored parameters only
+            if not (ignored or self._only_ignored()):
+                raise
+            for o in tensors(out):
+                self.set(o, [])
+            ignored = True
+        if ignored:       # an ignored module keeps every channel it touches; its ops still count towards MACs
             for t in ins + tensors(out):
                 self.pin_tensor(t)
-        else:
-            apply(self, name, func, args, kwargs, out, has_blocks)
         self._finish_reshape()
 
     def _finish_reshape(self):

@@ -10,13 +10,27 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from prunekit.errors import GraphError
 from prunekit.graph.groups import DependencyGraph
+from prunekit.graph.ops import tensors
 from prunekit.models import hf
 from prunekit.structured.surgery import apply_kept, is_known_module
 
 # ------------------------------------------------------------------------------------------- handler
+
+def _owners(graph: DependencyGraph, ids: torch.Tensor) -> List[str]:
+    """Modules (or model parameters) whose parameter ids appear in `ids`."""
+    ids = ids.reshape(-1)
+    names = []
+    for s in graph.trace.slots:
+        if bool(torch.isin(s.ids, ids).any()):
+            owner = s.name.rpartition(".")[0] or s.name
+            if owner not in names:
+                names.append(owner)
+    return names
+
 
 def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> List[List]:
     """Module attributes that hold a size used literally in a reshape (e.g. `num_heads`): old -> new."""
@@ -45,17 +59,21 @@ def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> 
                     continue
                 key = (rec.module, attr)
                 if updates.get(key, new) != new:
-                    raise GraphError(f"module '{rec.module}' attribute '{attr}'={old} would need two new values "
-                                     f"({updates[key]} and {new}); pass ignore=['{rec.module}']")
+                    where = f"module '{rec.module}'" if rec.module else "the model"
+                    fix = [rec.module] if rec.module else _owners(graph, rec.out_blocks[d])
+                    raise GraphError(f"op '{rec.op}': {where} attribute '{attr}'={old} would need two new "
+                                     f"values ({updates[key]} and {new}); pass ignore={fix!r}")
                 updates[key] = new
     out = [[m, a, v] for (m, a), v in sorted(updates.items())]
-    for mod, attr, parts in graph.trace.split_attrs:      # split sizes kept in a module attribute
+    for mod, attr, parts, kind in graph.trace.split_attrs:      # split sizes kept in a module attribute
         new_sizes = []
         for p in parts:
             a = p.numpy()
             alive = ~flag[graph.comp_of_id[np.where(a >= 0, a, 0)]] | (a < 0)
             new_sizes.append(int(alive.any(1).sum()))
-        out.append([mod, attr, new_sizes])
+        value = {"list": new_sizes, "size": new_sizes[0], "total": sum(new_sizes)}[kind]
+        if [mod, attr, value] not in out:
+            out.append([mod, attr, value])
     return out
 
 
@@ -88,17 +106,65 @@ def remove_units(model: nn.Module, graph: DependencyGraph, removed: Dict[int, to
     return pruned, kept, attrs
 
 
+class _Provenance(TorchFunctionMode):
+    """Which modules' outputs flow into each tensor; remembers the inputs' modules of the op that raised."""
+
+    def __init__(self):
+        super().__init__()
+        self.src: Dict[int, frozenset] = {}
+        self.keep: List[torch.Tensor] = []
+        self.failed: frozenset = frozenset()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        came = frozenset().union(*[self.src.get(id(t), frozenset()) for t in tensors((args, kwargs))])
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            self.failed = came
+            raise
+        for o in tensors(out):
+            self.src[id(o)] = came
+            self.keep.append(o)
+        return out
+
+
+def _failing_op_feeders(pruned: nn.Module, example_inputs) -> List[str]:
+    """Modules with parameters whose outputs reach the op that fails in the top-level forward."""
+    mode = _Provenance()
+    names = {m: n for n, m in pruned.named_modules()}
+
+    def post(mod, args, out):
+        for o in tensors(out):
+            mode.src[id(o)] = frozenset([names[mod]])
+            mode.keep.append(o)
+
+    hooks = [m.register_forward_hook(post) for m in pruned.modules() if m is not pruned
+             and next(m.parameters(recurse=False), None) is not None]
+    try:
+        with mode:
+            run_model(pruned, example_inputs)
+    except Exception:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(mode.failed)
+
+
 def _validate(pruned, example_inputs, base_out):
     """Run the pruned model; None if it works with unchanged output shapes, else (innermost module, error)."""
     stack = [""]
     names = {m: n for n, m in pruned.named_modules()}
-    failed = []
+    done = [""]        # the last module with parameters of its own that finished: what feeds a top-level op
     hooks = []
     def pre(mod, args):
         stack.append(names[mod])
 
     def post(mod, args, out):
         stack.pop()
+        if next(mod.parameters(recurse=False), None) is not None:
+            done.append(names[mod])
 
     for m in pruned.modules():
         hooks.append(m.register_forward_pre_hook(pre))
@@ -108,14 +174,15 @@ def _validate(pruned, example_inputs, base_out):
     try:
         new_out = _outputs(run_model(pruned, example_inputs))
     except Exception as e:
-        return stack[-1], f"{type(e).__name__}: {e}"
+        feeders = _failing_op_feeders(pruned, example_inputs) if not stack[-1] else []
+        return stack[-1], " ".join(f"{type(e).__name__}: {e}".split())[:300], feeders
     finally:
         pruned.train(was)
         for h in hooks:
             h.remove()
     for a, b in zip(base_out, new_out):
         if a.shape != b.shape:
-            return "", f"pruning changed an output shape {tuple(a.shape)} -> {tuple(b.shape)}"
+            return "", f"pruning changed an output shape {tuple(a.shape)} -> {tuple(b.shape)}", [done[-1]]
     return None
 
 
@@ -153,16 +220,22 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
         failure = _validate(pruned, example_inputs, _outputs(graph.trace.output))
         if failure is None:
             return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored)
-        mod_name, err = failure
-        cls = type(model.get_submodule(mod_name)) if mod_name else None
-        same = [n for n, m in model.named_modules() if cls is not None and type(m) is cls and n]
+        mod_name, err, feeders = failure
+        if not mod_name:
+            feeders = [f for f in feeders if f]
+            fix = f"pass ignore={ignore + feeders!r} to keep the channels of the modules that feed it" \
+                if feeders else "prune with a smaller ratio"
+            raise GraphError(f"the pruned model fails in the top-level forward of the model ({err}); {fix}.")
+        cls = type(model.get_submodule(mod_name))
+        same = [n for n, m in model.named_modules() if type(m) is cls and n]
         new = [re.escape(n) for n in same if re.escape(n) not in ignore]
         if not new or cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
-            raise GraphError(f"the pruned model fails to run in module '{mod_name or '<model>'}' ({err}). "
+            raise GraphError(f"the pruned model fails to run in module '{mod_name}' ({err}). "
                              f"It probably computes a size from another one (e.g. head_dim = width // num_heads);"
-                             f" pass ignore=['{mod_name}'] to leave it untouched.")
+                             f" pass ignore={ignore + [mod_name]!r} to leave it untouched.")
         ignore += new
         auto_ignored.append(f"{cls.__name__} ({len(new)} modules): {err}")
         warnings.warn(f"pruning {cls.__name__} modules breaks their forward ({err}); leaving all "
                       f"{len(new)} of them untouched (as if ignore= named them) and pruning the rest", stacklevel=3)
-    raise GraphError(f"could not find a valid pruning after {attempts} attempts; pass ignore= for: {auto_ignored}")
+    raise GraphError(f"could not find a valid pruning after {attempts} attempts (auto-ignored: {auto_ignored}); "
+                     f"pass ignore={ignore + [mod_name]!r} or a smaller ratio")

@@ -1,6 +1,7 @@
 """The op-rule registry: the extension point for new op kinds.
 
-A rule is `rule(tr, args, kwargs, out)`: it reads the labels of the op's tensor inputs (`tr.blocks`, `tr.rep`),
+A rule is `rule(tr, args, kwargs, out)` (`args` also holds every keyword argument the op takes by position,
+in signature order, so `args[1]` is `batch1` however the caller wrote it): it reads the labels of the op's tensor inputs (`tr.blocks`, `tr.rep`),
 unions the ids that must be removed together (`tr.couple`, `tr.space.union`), pins what must keep its size
 (`tr.pin_tensor`), labels the outputs (`tr.set`) and may add a MAC cost term (`tr.cost`). `RULES` maps an op
 name (`torch.nn.functional.linear` and `Tensor.__matmul__` are "linear" and "__matmul__") to its rule; ops
@@ -9,23 +10,27 @@ without an entry fall back to the generic tables in prunekit.graph.ops. Add a ru
     @register("my_op")
     def rule_my_op(tr, args, kwargs, out): ...
 
-Modules by kind: contraction (linear, conv, matmul, einsum, attention), norms, elementwise, movement (shape
-ops, split, cat), reduce (reductions, pooling), indexing (embedding, item assignment).
+Modules by kind: contraction (linear, conv, matmul, einsum, attention, grouped expert matmul), norms,
+elementwise, movement (shape ops, split, cat), reduce (reductions, pooling), indexing (embedding, item
+assignment, in-place index writes), selection (data-dependent: sort/topk, nms, roi_align/roi_pool).
 """
 from __future__ import annotations
 
 from typing import Callable, Dict
 
 from prunekit.errors import GraphError
-from prunekit.graph.ops import CREATION, ELEMENTWISE, MOVEMENT, REDUCE, SPATIAL, UNARY, tensors
-from prunekit.graph.rules.contraction import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_linear,
-                                              rule_matmul, rule_mha, rule_sdpa)
+from prunekit.graph.ops import CREATION, ELEMENTWISE, MOVEMENT, REDUCE, SPATIAL, UNARY, positional, tensors
+from prunekit.graph.rules.contraction import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_grouped_mm,
+                                              rule_linear, rule_matmul, rule_mha, rule_sdpa)
 from prunekit.graph.rules.elementwise import elementwise, rule_prelu, unary
-from prunekit.graph.rules.indexing import rule_embedding, rule_setitem
+from prunekit.graph.rules.indexing import (rule_copy_, rule_embedding, rule_index_write, rule_scatter_,
+                                           rule_setitem)
 from prunekit.graph.rules.movement import movement
 from prunekit.graph.rules.norms import (rule_batch_norm, rule_group_norm, rule_layer_norm, rule_normalize,
                                         rule_rms_norm)
 from prunekit.graph.rules.reduce import reduce, spatial
+from prunekit.graph.rules.selection import (rule_argsort, rule_cum, rule_kthvalue, rule_msort, rule_nms,
+                                            rule_ps_roi, rule_roi, rule_sort, rule_topk)
 
 
 def rule_conv_transpose(tr, args, kwargs, out):
@@ -44,7 +49,15 @@ RULES: Dict[str, Callable] = {
     "scaled_dot_product_attention": rule_sdpa,
     "multi_head_attention_forward": rule_mha,
     "__setitem__": rule_setitem, "normalize": rule_normalize, "einsum": rule_einsum,
-    "baddbmm": rule_baddbmm, "addmm": rule_addmm,
+    "baddbmm": rule_baddbmm, "addmm": rule_addmm, "_grouped_mm": rule_grouped_mm,
+    # data-dependent ops (selection.py)
+    "topk": rule_topk, "kthvalue": rule_kthvalue, "sort": rule_sort, "argsort": rule_argsort,
+    "cummax": rule_cum, "cummin": rule_cum, "msort": rule_msort,
+    "nms": rule_nms, "roi_align": rule_roi, "roi_pool": rule_roi, "ps_roi_align": rule_ps_roi,
+    "ps_roi_pool": rule_ps_roi,
+    # in-place writes (indexing.py)
+    "copy_": rule_copy_, "index_add_": rule_index_write, "index_copy_": rule_index_write,
+    "scatter_": rule_scatter_, "scatter_add_": rule_scatter_,
 }
 
 
@@ -61,7 +74,7 @@ def apply(tr, name, func, args, kwargs, out, has_blocks):
     """Run the rule of op `name`: its RULES entry, else the generic rule of its table in prunekit.graph.ops."""
     rule = RULES.get(name)
     if rule is not None:
-        rule(tr, args, kwargs, out)
+        rule(tr, positional(func, args, kwargs), kwargs, out)   # keyword arguments also readable by position
         return
     if name in CREATION:
         for o in tensors(out):

@@ -9,6 +9,7 @@ import torch
 from prunekit.graph.labels import align, tracked
 from prunekit.graph.ops import arg, tensors
 from prunekit.graph.rules.elementwise import elementwise
+from prunekit.graph.rules.indexing import fix_dims
 
 
 def rule_linear(tr, args, kwargs, out):
@@ -242,6 +243,7 @@ def rule_einsum(tr, args, kwargs, out):
 
 
 def rule_baddbmm(tr, args, kwargs, out):
+    """baddbmm(input, batch1, batch2): `args` holds keyword-passed batch1/batch2 too (BLOOM's alibi)."""
     inp, b1, b2 = args[0], args[1], args[2]
     tmp = torch.empty(out.shape)
     rule_matmul(tr, (b1, b2), {}, tmp)
@@ -254,3 +256,28 @@ def rule_addmm(tr, args, kwargs, out):
     tmp = torch.empty(out.shape)
     rule_matmul(tr, (m1, m2), {}, tmp)
     elementwise(tr, (tmp, inp), {}, out)
+
+
+def rule_grouped_mm(tr, args, kwargs, out):
+    """torch._grouped_mm(a, b, offs, bias): mixture-of-experts matmul over 3-D expert weights. 3-D x 3-D is a
+    batched matmul; 2-D tokens x (experts, K, N) sends the token rows given by `offs` to each expert, so the
+    expert dim stays and K/N prune across all experts alike."""
+    a, b = args[0], args[1]
+    bias = args[3] if len(args) > 3 else None
+    if a.dim() == 3 and b.dim() == 3:
+        rule_matmul(tr, (a, b), {}, out)
+    elif a.dim() == 2 and b.dim() == 3:
+        experts = tr.rep_vec(b, 0)
+        if experts is not None:
+            tr.space.pin(experts)           # tokens are routed to experts by `offs`
+        fix_dims(tr, a, [0])
+        tr.couple(a, [1], b, [1])
+        cols = tr.rep_vec(b, 2)
+        tr.set(out, [cols.view(1, -1)] if cols is not None else [])
+        tr.cost(out.numel() * a.shape[1], [tr.dim_ids(out, 1), tr.dim_ids(a, 1)], "grouped_mm")
+    else:
+        for t in (a, b):
+            tr.pin_tensor(t)
+        tr.set(out, [])
+    if isinstance(bias, torch.Tensor) and isinstance(out, torch.Tensor) and tr.blocks(out):
+        tr.couple(bias, [-1], out, [-1])

@@ -57,38 +57,25 @@ def equal_parts(tr, name, src, args, kwargs, outs):
     """chunk/split cut a channel dim by count: every part must lose the same local positions.
 
     A split by an explicit list of sizes can only follow pruning if the list is a module attribute
-    (recorded for update); a list written literally in forward() pins the dim."""
+    (recorded for update); a list written literally in forward() pins the dim. A split by one size
+    (`torch.split(x, self.width, 1)`, `x.split(self.expand_chs // 2, dim=1)`) keeps equal parts, and the
+    module attribute holding that size, or the total it was computed from, is recorded for update."""
     dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
     dim = dim % src.dim()
     if dim not in tr.tracked_dims(src):
         return
     sizes = [o.shape[dim] for o in outs]
-    spec = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("chunks"))
+    spec = args[1] if len(args) > 1 else next((kwargs[k] for k in ("split_size_or_sections", "split_size",
+                                                                    "chunks", "sections") if k in kwargs), None)
     if isinstance(spec, (list, tuple)) and name != "chunk":
-        mod_name = tr.module_stack[-1]
-        owner = tr.module_by_name.get(mod_name)
-        attr = None
-        if owner is not None:
-            for k, v in vars(owner).items():
-                if isinstance(v, (list, tuple)) and list(v) == list(spec) and not k.startswith("_"):
-                    attr = k
-                    break
+        attr = _owner_attr(tr, lambda v: isinstance(v, (list, tuple)) and list(v) == list(spec))
         if attr is None:
-            for b in tr.blocks(src):
-                if b.shape[dim] > 1:
-                    tr.space.pin(b)
+            _pin_dim(tr, src, dim)
             return
-        ids = tr.dim_ids(src, dim)
-        parts, off = [], 0
-        for n in sizes:
-            parts.append(ids[off:off + n])
-            off += n
-        tr.split_attrs.append((mod_name, attr, parts))
+        tr.split_attrs.append((tr.module_stack[-1], attr, _parts(tr, src, dim, sizes), "list"))
         return
     if len(set(sizes)) != 1:
-        for b in tr.blocks(src):
-            if b.shape[dim] > 1:
-                tr.space.pin(b)
+        _pin_dim(tr, src, dim)
         return
     # position i of every part goes with position i of the first, elementwise: the other tracked dims (the
     # heads of a fused qkv viewed as (heads, 3 * head_dim), GPT-NeoX) stay apart
@@ -98,6 +85,35 @@ def equal_parts(tr, name, src, args, kwargs, outs):
             parts = b.split(sizes[0], dim)
             for p in parts[1:]:
                 tr.space.union(parts[0], p)
+    if name in ("split", "split_with_sizes") and isinstance(spec, int) and len(sizes) > 1:
+        for kind, value in (("size", spec), ("total", src.shape[dim])):
+            attr = _owner_attr(tr, lambda v: isinstance(v, int) and not isinstance(v, bool) and v == value)
+            if attr is not None:
+                tr.split_attrs.append((tr.module_stack[-1], attr, _parts(tr, src, dim, sizes), kind))
+                break
+
+
+def _owner_attr(tr, match):
+    """Name of a public attribute of the module running the op whose value satisfies `match`, or None."""
+    owner = tr.module_by_name.get(tr.module_stack[-1])
+    if owner is None:
+        return None
+    return next((k for k, v in vars(owner).items() if not k.startswith("_") and match(v)), None)
+
+
+def _parts(tr, src, dim, sizes):
+    ids = tr.dim_ids(src, dim)
+    parts, off = [], 0
+    for n in sizes:
+        parts.append(ids[off:off + n])
+        off += n
+    return parts
+
+
+def _pin_dim(tr, src, dim):
+    for b in tr.blocks(src):
+        if b.shape[dim] > 1:
+            tr.space.pin(b)
 
 
 def record_reshape(tr, name, args, kwargs, out):
