@@ -68,7 +68,7 @@ def equal_parts(tr, name, src, args, kwargs, outs):
     spec = args[1] if len(args) > 1 else next((kwargs[k] for k in ("split_size_or_sections", "split_size",
                                                                     "chunks", "sections") if k in kwargs), None)
     if isinstance(spec, (list, tuple)) and name != "chunk":
-        attr = _owner_attr(tr, lambda v: isinstance(v, (list, tuple)) and list(v) == list(spec))
+        attr = _owner_attr(tr, lambda v: isinstance(v, (list, tuple)) and list(v) == list(spec), unique=False)
         if attr is None:
             _pin_dim(tr, src, dim)
             return
@@ -93,12 +93,14 @@ def equal_parts(tr, name, src, args, kwargs, outs):
                 break
 
 
-def _owner_attr(tr, match):
-    """Name of a public attribute of the module running the op whose value satisfies `match`, or None."""
+def _owner_attr(tr, match, unique=True):
+    """The public attribute of the module running the op whose value satisfies `match`; None if there is none,
+    or with `unique` several (GPT-2 keeps embed_dim == split_size: which one the code used is unknown)."""
     owner = tr.module_by_name.get(tr.module_stack[-1])
     if owner is None:
         return None
-    return next((k for k, v in vars(owner).items() if not k.startswith("_") and match(v)), None)
+    found = [k for k, v in vars(owner).items() if not k.startswith("_") and match(v)]
+    return found[0] if len(found) == 1 or (found and not unique) else None
 
 
 def _parts(tr, src, dim, sizes):
