@@ -3,8 +3,7 @@ checkpoints and a non-finite-loss guard."""
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
+
 import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -17,25 +16,11 @@ from prunekit.data import load
 from prunekit.errors import CalibrationDataError, ConfigError, InputTypeError, RecoveryDiverged
 from prunekit.objective import logits_of, task_loss
 from prunekit.recover import distributed as D
+from prunekit.recover.common import RecoverResult, apply_lora, lr_at, model_device, param_groups, resolve_loss
 from prunekit.recover.losses import FeatureTap, feature_loss, kd_loss, make_projection
 from prunekit.recover.options import Recover
+from prunekit.recover.tokens import recover_tokens
 from prunekit.run.directory import Run, seed_everything
-
-
-@dataclasses.dataclass
-class RecoverResult:
-    """What `recover(..., return_result=True)` returns.
-
-    status:  "completed", "stopped" (a callback returned False), or "diverged" (non-finite loss; the model
-             holds the weights from before the failing step).
-    steps:   optimizer steps taken in total (including before a resume).
-    history: one row per finished epoch: {"epoch", "step", "loss"} with the mean global-batch loss.
-    """
-    model: nn.Module
-    status: str
-    steps: int
-    history: List[Dict[str, float]]
-    message: str = ""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -78,64 +63,12 @@ def _as_sequence(data: Any) -> Sequence:
     return seq
 
 
-def lr_at(step: int, total: int, cfg: Recover) -> float:
-    """Linear warm-up from lr/warmup_steps to lr, then cosine decay towards 0 over the remaining steps."""
-    warm = int(round(cfg.warmup * total)) if cfg.warmup < 1 else int(cfg.warmup)
-    warm = min(warm, total)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _epoch_order(n: int, epoch: int, cfg: Recover) -> List[int]:
     """Batch order of one epoch, a pure function of (seed, epoch): resumes recompute or reload it."""
     if not cfg.shuffle:
         return list(range(n))
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
-
-
-def _param_groups(student: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Decay matrices/kernels, not biases or norm scales (1-D): the usual AdamW practice."""
-    decay, no_decay = [], []
-    for _, p in student.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
-        raise ConfigError("recover(): the model has no trainable parameters (all requires_grad=False)")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _resolve_loss(cfg: Recover, teacher: Optional[nn.Module]) -> str:
-    mode = cfg.loss if cfg.loss != "auto" else ("kd" if teacher is not None else "task")
-    if mode in ("kd", "mixed") and teacher is None:
-        raise ConfigError(f"Recover.loss='{mode}' distills from a teacher: pass teacher=<the unpruned model>")
-    if cfg.features and teacher is None:
-        raise ConfigError("Recover.features matches intermediate outputs to a teacher's: pass teacher=...")
-    return mode
-
-
-def apply_lora(model: nn.Module, options: Dict[str, Any]) -> nn.Module:
-    """Wrap `model` with PEFT LoRA adapters (base weights frozen). lora_alpha defaults to 2 * r."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:
-        raise ImportError("Recover.lora needs the peft package: pip install 'prunekit[hf]'") from e
-    opts = dict(options)
-    opts.setdefault("r", 8)
-    opts.setdefault("lora_alpha", 2 * opts["r"])
-    try:
-        lcfg = LoraConfig(**opts)
-    except TypeError as e:
-        raise ConfigError(f"Recover.lora={options!r} is not valid for peft.LoraConfig: {e}") from e
-    return get_peft_model(model, lcfg)
 
 
 # --------------------------------------------------------------------------------------------- main loop
@@ -145,7 +78,7 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
             config: Optional[Recover] = None, *, checkpoint_dir: Optional[str] = None,
             callback: Optional[Callable[[Dict[str, Any]], Optional[bool]]] = None, quiet: bool = False,
             device: Optional[torch.device] = None, task_loss_fn: Optional[Callable] = None,
-            return_result: bool = False, **options):
+            return_result: bool = False, tokenizer=None, eval_data=None, **options):
     """Fine-tune a pruned `model` (in place) back towards `teacher`; returns the recovered model.
 
     data:     batches, each `(inputs, targets)` or inputs alone (distillation needs no labels); inputs are a
@@ -158,6 +91,10 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
     callback: called as callback(event_dict) after every step ({"event": "step", ...}) and epoch
               ({"event": "epoch_end", ...}), after the checkpoint; returning False stops training.
     task_loss_fn: custom task loss `fn(model_output, targets) -> scalar` instead of cross-entropy.
+    tokens=N (a Recover field) switches to token-budget recovery of a causal LM (recover/tokens.py): data is
+              then text (a file/directory path, or an iterable of strings with `tokenizer=`) or token ids,
+              packed into seq_len blocks and streamed; `eval_data` (perplexity windows) is evaluated every
+              `eval_every` tokens.
 
     Side effects, on purpose: torch/numpy/python RNGs are seeded with `seed` (reproducible runs), and the
     model and teacher are moved to `device` (default: the model's device); the teacher is used in eval mode
@@ -179,12 +116,15 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
                           "copy (e.g. copy.deepcopy(model) taken before pruning)")
     if data is None:
         raise CalibrationDataError("recover() needs data=...: batches of (inputs, targets) or inputs alone")
+    if cfg.tokens is not None:
+        return _recover_tokens(model, teacher, data, cfg, checkpoint_dir, callback, quiet, device, return_result,
+                               tokenizer, eval_data)
     data_spec = data if isinstance(data, str) else None
     batches = _as_sequence(data)
-    mode = _resolve_loss(cfg, teacher)
+    mode = resolve_loss(cfg, teacher)
     distributed = D.maybe_init_process_group()
     rank, world = D.rank_world()
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
 
     seed_everything(cfg.seed)
     was_training = model.training
@@ -210,7 +150,7 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
                                   "strategy='ddp' for those")
             unsharded = copy.deepcopy(student.model)      # receives the gathered weights at the end
             D.shard_fsdp(student, device)
-        optimizer = torch.optim.AdamW(_param_groups(student, cfg.weight_decay), lr=cfg.lr)
+        optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr)
         run = Run(checkpoint_dir) if checkpoint_dir is not None else None
         loop = _Loop(cfg, student, teacher, t_tap, optimizer, batches, device, mode, run, callback, quiet,
                      task_loss_fn, distributed, rank, world, data_spec)
@@ -235,6 +175,30 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
         if cfg.on_nonfinite == "raise":
             raise RecoveryDiverged(result.message, result.model, result)
         warnings.warn(result.message, RuntimeWarning, stacklevel=2)
+    return result if return_result else result.model
+
+
+def _recover_tokens(model, teacher, data, cfg, checkpoint_dir, callback, quiet, device, return_result, tokenizer,
+                    eval_data):
+    """The token-budget path of `recover`: seeding, devices and the teacher's mode as in the epoch loop."""
+    mode = resolve_loss(cfg, teacher)
+    device = torch.device(device) if device is not None else model_device(model)
+    seed_everything(cfg.seed)
+    was_training, teacher_was_training = model.training, teacher.training if teacher is not None else False
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    try:
+        result = recover_tokens(model, teacher, data, cfg, mode, device=device, tokenizer=tokenizer,
+                                eval_data=eval_data, checkpoint_dir=checkpoint_dir, callback=callback, quiet=quiet)
+    finally:
+        if teacher is not None:
+            teacher.train(teacher_was_training)
+    result.model.train(was_training)
+    if result.status == "diverged":
+        if cfg.on_nonfinite == "raise":
+            raise RecoveryDiverged(result.message, result.model, result)
+        warnings.warn(result.message, RuntimeWarning, stacklevel=3)
     return result if return_result else result.model
 
 

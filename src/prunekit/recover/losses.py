@@ -36,6 +36,48 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature ** 2
 
 
+def topk_kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_index: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """KD against the teacher's top-k tokens plus one "rest of the vocabulary" bucket, times T^2.
+
+    teacher_logp / teacher_index [..., k]: the teacher's k largest log-probabilities at temperature T
+    (log_softmax(logits / T).topk(k)) and their token ids. Both distributions are reduced to k + 1 outcomes
+    (the k tokens, and everything else with mass 1 - sum) and compared with KL(teacher || student), so the
+    student is not pushed to zero outside the top k; with k = vocab size this is exactly `kd_loss`. A
+    precomputed or offloaded teacher keeps 2k numbers per position instead of the vocabulary (49k for SmolLM2)."""
+    s = _rows(student_logits, None).float() / temperature                       # [N, V]
+    t_lp = teacher_logp.reshape(-1, teacher_logp.shape[-1]).float()              # [N, k]
+    ti = teacher_index.reshape(-1, teacher_index.shape[-1])
+    if s.shape[0] != t_lp.shape[0]:
+        raise ValueError(f"top-k KD: {s.shape[0]} student positions vs {t_lp.shape[0]} teacher positions")
+    s_lp = F.log_softmax(s, -1).gather(-1, ti)                                 # [N, k]
+    t_p = t_lp.exp()
+    head = (t_p * (t_lp - s_lp)).sum(-1)
+    eps = 1e-12
+    t_rest = (1 - t_p.sum(-1)).clamp_min(0)
+    s_rest = (1 - s_lp.exp().sum(-1)).clamp_min(0)
+    tail = t_rest * (torch.log(t_rest + eps) - torch.log(s_rest + eps))
+    return (head + tail).mean() * temperature ** 2
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM: logits [B, L, V] at position i predict ids[:, i + 1]."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Minitron-style hidden-state loss: MSE between RMS-normalized last hidden states [B, L, H].
+
+    Normalizing first makes the loss scale-free, so one weight works across models and depths."""
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"hidden-state loss needs equal shapes, got student {tuple(student_hidden.shape)} vs "
+                         f"teacher {tuple(teacher_hidden.shape)} (was the hidden size pruned?); set hidden_weight=0")
+    def norm(x):
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return F.mse_loss(norm(student_hidden), norm(teacher_hidden))
+
+
 def _feature_dim(x: torch.Tensor) -> int:
     """Channel dim of a feature map: 1 for conv maps [B, C, H, W], last otherwise ([B, C] / [B, T, C])."""
     return 1 if x.dim() == 4 else x.dim() - 1

@@ -11,6 +11,7 @@ from prunekit.errors import ConfigError
 
 LOSSES = ("auto", "kd", "task", "mixed")
 ON_NONFINITE = ("raise", "stop")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @register_config
@@ -30,6 +31,17 @@ class Recover(Config):
     on_nonfinite:  "raise" RecoveryDiverged or "stop" with a warning, after restoring the last good weights.
     strategy:      under torchrun: "ddp" (replicate the model) or "fsdp" (shard parameters, gradients and optimizer
                    state with torch's FSDP2 `fully_shard`, for models that do not fit one device).
+
+    Token-budget recovery of causal LMs (`tokens` set; see recover/tokens.py), where `epochs` does not apply:
+    tokens:        training tokens in total; data is packed into `batch_size` x `seq_len` blocks and streamed.
+    grad_accum:    micro-batches per optimizer step (the step sees batch_size * grad_accum * seq_len tokens).
+    top_k:         KD on the teacher's top-k logits only (renormalized): bounds what is kept per position;
+                   None = full-vocabulary KL (top_k = vocab size gives the same loss).
+    hidden_weight: weight of a Minitron-style loss on the last hidden state (MSE after RMS normalization),
+                   added to the logit loss; 0 = off.
+    gradient_checkpointing: recompute activations in backward (HF `gradient_checkpointing_enable`).
+    precision:     "auto" (bf16 autocast on a GPU that supports it, fp32 on CPU), "bf16" or "fp32".
+    eval_every:    evaluate perplexity on `eval_data` every this many training tokens (None: at the end only).
     """
     epochs: int = 1
     lr: float = 1e-4
@@ -48,6 +60,15 @@ class Recover(Config):
     checkpoint_every: Optional[int] = None
     on_nonfinite: str = "raise"
     strategy: str = "ddp"
+    tokens: Optional[int] = None
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    top_k: Optional[int] = None
+    hidden_weight: float = 0.0
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+    eval_every: Optional[int] = None
 
     def __post_init__(self):
         o = "Recover"
@@ -66,7 +87,14 @@ class Recover(Config):
         _one_of(o, "loss", self.loss, LOSSES)
         _one_of(o, "on_nonfinite", self.on_nonfinite, ON_NONFINITE)
         _one_of(o, "strategy", self.strategy, ("ddp", "fsdp"))
-        for name in ("max_steps", "checkpoint_every"):
+        _one_of(o, "precision", self.precision, PRECISIONS)
+        check_type(o, "hidden_weight", self.hidden_weight, (int, float), "a number >= 0")
+        check_type(o, "gradient_checkpointing", self.gradient_checkpointing, bool, "true or false")
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            check_type(o, name, getattr(self, name), int, "a positive int")
+            if getattr(self, name) < 1 or (name == "seq_len" and self.seq_len < 2):
+                raise ConfigError(f"{o}.{name} must be >= {2 if name == 'seq_len' else 1}, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "tokens", "top_k", "eval_every"):
             v = getattr(self, name)
             if v is not None:
                 check_type(o, name, v, int, "a positive int or None")
