@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import prunekit as pk  # noqa: E402
-from prunekit.calibrate import measure_peak_memory  # noqa: E402
+from prunekit.measure.memory import measure_peak_memory  # noqa: E402
 from prunekit.sparse import Sparse  # noqa: E402
 
 CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "smollm2-135m"

@@ -10,11 +10,15 @@ recomputed from the union of the resampled slices. Because many slices are teste
 level is Bonferroni-corrected (alpha / number of judged slices) by default; without it, ~5% of slices would
 be flagged under pure noise. Slices with fewer than `min_slice_size` examples are reported as
 "too few to judge" and never flagged.
+
+Perplexity is compared on the log scale (`log=None` picks it for perplexity): the drop is the rise in
+log-perplexity (mean NLL per token), so a slice that starts at perplexity 400 (a language the model barely
+knows) is not flagged merely because the same relative loss is a larger absolute number there.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -61,8 +65,9 @@ class SliceComparison:
 
     def to_markdown(self) -> str:
         o = self.overall
-        lines = [f"Overall {self.metric}: {o['reference']:.4f} -> {o['pruned']:.4f} "
-                 f"(drop {o['drop']:+.4f}, {100 * self.params['level']:.0f}% CI "
+        what = f"log {self.metric}" if self.params.get("scale") == "log" else self.metric
+        lines = [f"Overall {self.metric}: {o['reference']:.4f} -> {o['pruned']:.4f} ({what} "
+                 f"drop {o['drop']:+.4f}, {100 * self.params['level']:.0f}% CI "
                  f"[{o['drop_ci'][0]:+.4f}, {o['drop_ci'][1]:+.4f}])", "",
                  "| slice | n | reference | pruned | drop | drop CI | excess over overall (CI) | status |",
                  "|---|---:|---:|---:|---:|---|---|---|"]
@@ -90,11 +95,14 @@ def _check_pair(ref: EvalResult, pru: EvalResult):
                            "on the same data, in the same order, with the same `slices=`")
 
 
-def _drop(ref_value, pru_value, higher_is_better):
+def _drop(ref_value, pru_value, higher_is_better, log=False):
+    if log:
+        ref_value, pru_value = np.log(ref_value), np.log(pru_value)
     return (ref_value - pru_value) if higher_is_better else (pru_value - ref_value)
 
 
-def _bootstrap(ref: EvalResult, pru: EvalResult, groups: Dict[Any, np.ndarray], n_boot: int, seed: int):
+def _bootstrap(ref: EvalResult, pru: EvalResult, groups: Dict[Any, np.ndarray], n_boot: int, seed: int,
+               log: bool):
     """Bootstrap replicates of the overall drop and of every slice's drop (paired, stratified by slice)."""
     rng = np.random.default_rng(seed)
     hib = ref.higher_is_better
@@ -105,9 +113,9 @@ def _bootstrap(ref: EvalResult, pru: EvalResult, groups: Dict[Any, np.ndarray], 
         for t, idx in groups.items():
             p = idx[rng.integers(0, len(idx), len(idx))]
             picks.append(p)
-            per[t][b] = _drop(ref.aggregate(ref.rows[p]), pru.aggregate(pru.rows[p]), hib)
+            per[t][b] = _drop(ref.aggregate(ref.rows[p]), pru.aggregate(pru.rows[p]), hib, log)
         allp = np.concatenate(picks)
-        overall[b] = _drop(ref.aggregate(ref.rows[allp]), pru.aggregate(pru.rows[allp]), hib)
+        overall[b] = _drop(ref.aggregate(ref.rows[allp]), pru.aggregate(pru.rows[allp]), hib, log)
     return overall, per
 
 
@@ -121,11 +129,12 @@ def _ci(samples: np.ndarray, level: float):
 
 def compare_slices(reference: EvalResult, pruned: EvalResult, *, n_boot: int = 1000, seed: int = 0,
                    alpha: float = 0.05, min_slice_size: int = 20, ratio: float = 2.0, min_abs_drop: float = 0.0,
-                   correction: str = "bonferroni") -> SliceComparison:
+                   correction: str = "bonferroni", log: Optional[bool] = None) -> SliceComparison:
     """Per-slice drops of `pruned` vs `reference` with paired bootstrap CIs; flags disproportionately hurt slices.
 
     Both results must come from `evaluate` on the same data in the same order. See the module docstring for
-    the flagging rule. `correction="none"` disables the multiple-comparison correction.
+    the flagging rule. `correction="none"` disables the multiple-comparison correction. `log`: compare
+    log(metric) (default: True for perplexity, so drops are rises in log-perplexity), else the metric.
     """
     _check_pair(reference, pruned)
     if correction not in ("bonferroni", "none"):
@@ -136,9 +145,10 @@ def compare_slices(reference: EvalResult, pruned: EvalResult, *, n_boot: int = 1
     judged = [t for t in order if len(groups[t]) >= min_slice_size]
     level = 1 - alpha
     flag_level = 1 - alpha / max(len(judged), 1) if correction == "bonferroni" else level
-    boot_overall, boot_per = _bootstrap(reference, pruned, groups, n_boot, seed)
+    log = reference.metric == "perplexity" if log is None else bool(log)
+    boot_overall, boot_per = _bootstrap(reference, pruned, groups, n_boot, seed, log)
     hib = reference.higher_is_better
-    o_drop = _drop(reference.value, pruned.value, hib)
+    o_drop = _drop(reference.value, pruned.value, hib, log)
     overall = {"reference": reference.value, "pruned": pruned.value, "drop": o_drop, "n": reference.n,
                "drop_ci": _ci(boot_overall, level)}
     threshold = max(ratio * max(o_drop, 0.0), min_abs_drop)
@@ -146,7 +156,7 @@ def compare_slices(reference: EvalResult, pruned: EvalResult, *, n_boot: int = 1
     for t in order:
         idx = groups[t]
         r_v, p_v = reference.slices[t]["value"], pruned.slices[t]["value"]
-        d = _drop(r_v, p_v, hib)
+        d = _drop(r_v, p_v, hib, log)
         row = {"slice": t, "n": int(len(idx)), "reference": r_v, "pruned": p_v, "drop": d,
                "drop_ci": _ci(boot_per[t], level), "excess": d - o_drop, "excess_ci": None}
         if len(idx) < min_slice_size:
@@ -160,5 +170,5 @@ def compare_slices(reference: EvalResult, pruned: EvalResult, *, n_boot: int = 1
         rows.append(row)
     params = {"n_boot": n_boot, "seed": seed, "alpha": alpha, "level": level, "flag_level": flag_level,
               "correction": correction, "min_slice_size": min_slice_size, "ratio": ratio,
-              "min_abs_drop": min_abs_drop, "threshold": threshold}
+              "min_abs_drop": min_abs_drop, "threshold": threshold, "scale": "log" if log else "linear"}
     return SliceComparison(reference.metric, hib, overall, rows, params)

@@ -113,13 +113,30 @@ def evaluate(model: nn.Module, data, metric: Union[str, Metric, Callable] = "acc
     return result
 
 
+def bootstrap_ci(rows: np.ndarray, aggregate: Callable, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> Optional[List[float]]:
+    """Percentile bootstrap interval of `aggregate` over examples (windows, for perplexity); None under 2 rows.
+
+    Resampling whole examples keeps each window's tokens together: tokens of one window are correlated, so a
+    per-token bootstrap would give intervals that are too narrow."""
+    if len(rows) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    vals = np.array([aggregate(rows[rng.integers(0, len(rows), len(rows))]) for _ in range(n_boot)])
+    vals = vals[np.isfinite(vals)]
+    if len(vals) < 10:
+        return None
+    a = (1 - level) / 2
+    return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
+
+
 def _build(m: Metric, rows: np.ndarray, tags: List[Any], data, n_batches: int) -> EvalResult:
     """Aggregate per-example rows into overall and per-slice values, and record how it was measured."""
     arr = np.array([str(t) for t in tags], dtype=object)
     slices = {}
     for t in sort_tags(tags):
         idx = np.flatnonzero(arr == str(t))
-        slices[t] = {"n": int(len(idx)), "value": m.aggregate(rows[idx])}
+        slices[t] = {"n": int(len(idx)), "value": m.aggregate(rows[idx]), "ci": bootstrap_ci(rows[idx], m.aggregate)}
     meta = {"n_batches": n_batches, "columns": list(m.columns)}
     if isinstance(data, TokenWindows):
         meta.update(window_length=data.length, stride=data.stride)

@@ -130,6 +130,8 @@ ACCURACY = Metric("accuracy", ["correct"], True, _acc_per_example, _mean,
 
 # ----------------------------------------------------------------------------------------------- perplexity
 def _window_ids(batch):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[1], torch.Tensor):
+        batch = batch[0]                                    # (windows, slice tags), e.g. data "lm-slices"
     ids = batch["input_ids"] if isinstance(batch, Mapping) else batch
     ids = torch.as_tensor(ids)
     if ids.dim() == 1:
@@ -157,8 +159,15 @@ def _ppl_aggregate(rows: np.ndarray) -> float:
     return float(math.exp(rows[:, 0].sum() / rows[:, 1].sum()))
 
 
+def _window_tags(batch):
+    """Slice tags carried next to the windows ((ids, tags) batches), else None (one slice, "all")."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[1], torch.Tensor):
+        return [str(t) for t in batch[1]]
+    return None
+
+
 PERPLEXITY = Metric("perplexity", ["nll_sum", "n_tokens"], False, _ppl_per_example, _ppl_aggregate,
-                    examples=lambda b: split_batch(_window_ids(b), _window_ids(b).shape[0]))
+                    examples=lambda b: split_batch(_window_ids(b), _window_ids(b).shape[0]), labels=_window_tags)
 
 
 class TokenWindows:

@@ -34,7 +34,7 @@ class EvalResult:
     """What `evaluate` returns.
 
     value:   the metric on all examples.
-    slices:  {tag: {"n": examples, "value": metric on that slice}}.
+    slices:  {tag: {"n": examples, "value": metric on that slice, "ci": 95% bootstrap interval over examples}}.
     rows:    per-example statistics, shape (n, len(columns)); `aggregate(rows[subset])` recomputes the metric.
     tags:    the slice tag of every example (same order as rows).
     meta:    how it was measured (window length/stride for perplexity, number of batches, ...).
@@ -68,7 +68,8 @@ class EvalResult:
         d = {
             "metric": self.metric, "higher_is_better": self.higher_is_better, "value": json_float(self.value),
             "n": self.n, "aggregate": self.aggregate_name,
-            "slices": {str(t): {"n": s["n"], "value": json_float(s["value"])} for t, s in self.slices.items()},
+            "slices": {str(t): {"n": s["n"], "value": json_float(s["value"]), "ci": s.get("ci")}
+                       for t, s in self.slices.items()},
             "per_example": {"columns": list(self.columns), "rows": self.rows.tolist(), "tags": list(self.tags)},
             "meta": self.meta,
         }
@@ -98,5 +99,7 @@ class EvalResult:
     def summary(self) -> str:
         lines = [f"{self.metric}: {self.value:.4f} on {self.n} examples"]
         for t, s in self.slices.items():
-            lines.append(f"  {str(t):>20s}  n={s['n']:<6d} {s['value']:.4f}")
+            ci = s.get("ci")
+            ci = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+            lines.append(f"  {str(t):>20s}  n={s['n']:<6d} {s['value']:.4f}{ci}")
         return "\n".join(lines)
