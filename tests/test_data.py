@@ -8,6 +8,9 @@ import torch
 import torch.nn as nn
 
 import prunekit.data as D
+import prunekit.data.images as DI
+import prunekit.data.text as DT
+from prunekit.errors import DataError
 import prunekit.zoo as Z
 
 torch.set_num_threads(1)
@@ -24,7 +27,7 @@ def test_batches_are_reiterable_sequences_with_partial_last_batch():
     assert torch.equal(b[-1][1], torch.tensor([8, 9]))
     with pytest.raises(IndexError):
         b[3]
-    with pytest.raises(D.DataError, match="targets have 3"):
+    with pytest.raises(DataError, match="targets have 3"):
         D.Batches(torch.zeros(4, 1), torch.zeros(3))
 
 
@@ -40,11 +43,11 @@ def test_fashion_mnist_shapes_labels_and_normalization():
 
 
 def test_fashion_mnist_missing_says_which_apt_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(D, "FASHION_MNIST_DIR", tmp_path)
-    D._fashion_mnist_arrays.cache_clear()
-    with pytest.raises(D.DataError, match="apt-get install -y dataset-fashion-mnist"):
+    monkeypatch.setattr(DI, "FASHION_MNIST_DIR", tmp_path)
+    DI._fashion_mnist_arrays.cache_clear()
+    with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
         D.load("fashion-mnist", split="test")
-    D._fashion_mnist_arrays.cache_clear()
+    DI._fashion_mnist_arrays.cache_clear()
 
 
 def test_digits_split_is_disjoint_and_complete():
@@ -77,7 +80,7 @@ def test_text_datasets_from_gensim():
 
 
 def test_austen_paragraphs_labelled_by_book():
-    if shutil.which("apt-get") is None and not (D._austen_data_dir() / "Rdata.rdb").exists():
+    if shutil.which("apt-get") is None and not (DT._austen_data_dir() / "Rdata.rdb").exists():
         pytest.skip("needs apt-get to fetch r-cran-janeaustenr")
     books = D.austen_books()
     assert set(books) == set(D.AUSTEN_BOOKS)
@@ -92,8 +95,8 @@ def test_austen_paragraphs_labelled_by_book():
 
 def test_austen_without_apt_get_explains(monkeypatch, tmp_path):
     monkeypatch.setenv("PRUNEKIT_CACHE", str(tmp_path))
-    monkeypatch.setattr(D.shutil, "which", lambda tool: None)
-    with pytest.raises(D.DataError, match="apt-get download r-cran-janeaustenr"):
+    monkeypatch.setattr(DT.shutil, "which", lambda tool: None)
+    with pytest.raises(DataError, match="apt-get download r-cran-janeaustenr"):
         D.ensure_janeaustenr()
 
 
@@ -103,11 +106,11 @@ def test_module_function_specs_and_unknown_names(monkeypatch):
     monkeypatch.setitem(sys.modules, "my_tiny_data", mod)
     b = D.load("my_tiny_data:make", batch_size=3)
     assert len(b) == 2 and b[0][0].shape == (3, 3)
-    with pytest.raises(D.DataError, match="did you mean 'digits'|Did you mean 'digits'"):
+    with pytest.raises(DataError, match="did you mean 'digits'|Did you mean 'digits'"):
         D.load("digit")
-    with pytest.raises(D.DataError, match="no attribute 'nope'"):
+    with pytest.raises(DataError, match="no attribute 'nope'"):
         D.load("my_tiny_data:nope")
-    with pytest.raises(D.DataError, match="cannot import module"):
+    with pytest.raises(DataError, match="cannot import module"):
         D.load("no_such_module_xyz:f")
 
 

@@ -31,6 +31,7 @@ class PruneResult:
             if f"{k}_before" in s:
                 b, a = s[f"{k}_before"], s[f"{k}_after"]
                 lines.append(f"  {k:7s} {b:,} -> {a:,}  ({b / max(a, 1):.2f}x fewer)")
+        lines += [f"  warning: {w}" for w in s.get("warnings", [])]
         return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ def _check_ratio(owner, name, r):
         raise ConfigError(f"{owner}.{name} must be a number in [0, 1), got {r!r}")
 
 
-IMPORTANCES = ("l1", "l2", "random")
+IMPORTANCES = ("auto", "l1", "l2", "random")
 
 
 @register_config
@@ -44,7 +44,10 @@ class Structured(Config):
 
     ratio:        fraction of each group's units to remove (float), or {module-name regex: ratio}; groups
                   whose modules match no pattern are left alone. Ignored when `target` is given.
-    importance:   "l1" | "l2" | "random" | callable(group, tensors) -> (n_units,) scores (higher = keep).
+    importance:   "auto" | "l1" | "l2" | "random" | callable(group, tensors) -> (n_units,) scores (higher = keep).
+                  "auto" (default) is L2 magnitude, except for Hugging Face causal LMs given calibration data
+                  (`pk.prune(lm, cfg, example_inputs=..., data=batches)`): first-order Taylor on the LM loss.
+                  Magnitude scores wreck LLM widths (SmolLM2-135M: perplexity ~4e5 vs ~90 with Taylor).
     global_ranking: rank units across groups (scores normalized per group) instead of the same ratio per group.
     round_to:     keep-counts become multiples of this many channels (hardware-friendly widths).
     ignore:       module names or regexes whose parameters are left untouched.
@@ -58,7 +61,7 @@ class Structured(Config):
                   q/k/v projections) so its heads can be pruned; recorded in the plan and repeated by pk.load.
     """
     ratio: Union[float, Dict[str, float]] = 0.5
-    importance: Union[str, Callable] = "l2"
+    importance: Union[str, Callable] = "auto"
     global_ranking: bool = False
     round_to: int = 1
     ignore: Sequence[str] = ()

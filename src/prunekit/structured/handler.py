@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -18,18 +19,20 @@ from prunekit.nn import MultiheadAttention, convert_mha
 from prunekit.structured.allocate import allocate, allocate_for_target, group_scores
 from prunekit.structured.config import Structured
 from prunekit.structured.cut import cut_valid
+from prunekit.structured.importance import Taylor
 from prunekit.structured.latency import allocate_for_latency
 from prunekit.structured.surgery import apply_kept
 
 
 @register_handler(Structured)
 def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, inplace: bool = False,
-                     graph: Optional[DependencyGraph] = None, **_) -> PruneResult:
+                     graph: Optional[DependencyGraph] = None, data=None, **_) -> PruneResult:
     if example_inputs is None:
         raise ConfigError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
                           "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
     t0 = time.perf_counter()
     info: Dict[str, Any] = {}
+    cfg, warning = resolve_auto_importance(model, cfg, data)
     original = model
     converted: List[str] = []
     cuts_something = cfg.target is not None or (any(v > 0 for v in cfg.ratio.values()) if isinstance(cfg.ratio, dict)
@@ -94,7 +97,38 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
              "ignore": ignore}
     if lat_info:
         stats.update(lat_info)
+    if warning:
+        stats["warnings"] = [warning]
     return PruneResult(model=pruned, plan=plan, config=cfg, stats=stats)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return hf.is_hf(model) and type(model).__name__.endswith("ForCausalLM")
+
+
+def _with_labels(batch):
+    """A calibration batch as forward kwargs whose LM loss Taylor can differentiate (labels = input_ids)."""
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch, "labels": batch}
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return {"labels": batch["input_ids"], **batch}
+    raise ConfigError(f"prune(..., data=...): a causal-LM calibration batch must be an input_ids tensor or a dict "
+                      f"with 'input_ids', got {type(batch).__name__}")
+
+
+def resolve_auto_importance(model: nn.Module, cfg: Structured, data):
+    """(config, warning): importance="auto" becomes Taylor on the LM loss for a causal LM given data; without
+    data it stays L2 magnitude and the warning says why that is bad for an LLM and how to pass data."""
+    if cfg.importance != "auto" or not is_causal_lm(model):
+        return cfg, None
+    if data is None:
+        msg = (f"prune({type(model).__name__}, Structured()): no calibration data, so heads and FFN neurons are "
+               f"scored by weight magnitude, which wrecks LLM widths (SmolLM2-135M: perplexity ~4e5 instead of "
+               f"~90). Pass data=[input_ids tensors] to pk.prune to score by Taylor on the LM loss.")
+        warnings.warn(msg, UserWarning, stacklevel=4)
+        return cfg, msg
+    batches = [_with_labels(b) for b in data]
+    return dataclasses.replace(cfg, importance=Taylor(data=batches, batches=len(batches))), None
 
 
 def _safe_dict(cfg):
