@@ -170,12 +170,7 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
         result.model = unsharded          # fully_shard turned `model` into a sharded module: return a plain copy
     else:
         result.model = base_model
-    result.model.train(was_training)
-    if result.status == "diverged":
-        if cfg.on_nonfinite == "raise":
-            raise RecoveryDiverged(result.message, result.model, result)
-        warnings.warn(result.message, RuntimeWarning, stacklevel=2)
-    return result if return_result else result.model
+    return _finish(result, cfg, was_training, return_result)
 
 
 def _recover_tokens(model, teacher, data, cfg, checkpoint_dir, callback, quiet, device, return_result, tokenizer,
@@ -194,6 +189,11 @@ def _recover_tokens(model, teacher, data, cfg, checkpoint_dir, callback, quiet, 
     finally:
         if teacher is not None:
             teacher.train(teacher_was_training)
+    return _finish(result, cfg, was_training, return_result)
+
+
+def _finish(result, cfg: Recover, was_training: bool, return_result: bool):
+    """Restore the model's mode; a diverged run raises RecoveryDiverged or warns, as `on_nonfinite` says."""
     result.model.train(was_training)
     if result.status == "diverged":
         if cfg.on_nonfinite == "raise":
