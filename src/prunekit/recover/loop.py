@@ -3,7 +3,6 @@ checkpoints and a non-finite-loss guard."""
 from __future__ import annotations
 
 import copy
-
 import sys
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple

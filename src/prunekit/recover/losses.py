@@ -49,7 +49,7 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teach
     t_lp = teacher_logp.reshape(-1, teacher_logp.shape[-1]).float()              # [N, k]
     ti = teacher_index.reshape(-1, teacher_index.shape[-1])
     if s.shape[0] != t_lp.shape[0]:
-        raise ValueError(f"top-k KD: {s.shape[0]} student positions vs {t_lp.shape[0]} teacher positions")
+        raise ConfigError(f"top-k KD: {s.shape[0]} student positions vs {t_lp.shape[0]} teacher positions")
     s_lp = F.log_softmax(s, -1).gather(-1, ti)                                 # [N, k]
     t_p = t_lp.exp()
     head = (t_p * (t_lp - s_lp)).sum(-1)
@@ -70,7 +70,7 @@ def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> t
 
     Normalizing first makes the loss scale-free, so one weight works across models and depths."""
     if student_hidden.shape != teacher_hidden.shape:
-        raise ValueError(f"hidden-state loss needs equal shapes, got student {tuple(student_hidden.shape)} vs "
+        raise ConfigError(f"hidden-state loss needs equal shapes, got student {tuple(student_hidden.shape)} vs "
                          f"teacher {tuple(teacher_hidden.shape)} (was the hidden size pruned?); set hidden_weight=0")
     def norm(x):
         x = x.float()
