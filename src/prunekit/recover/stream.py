@@ -46,6 +46,10 @@ def iter_text_files(path: Union[str, Path]) -> Iterator[str]:
 
 
 def _ids_of(doc: Any, tokenizer, where: str) -> List[int]:
+    if isinstance(doc, dict) and "input_ids" in doc:           # a calibration-style batch {"input_ids": ...}
+        doc = doc["input_ids"]
+    elif isinstance(doc, tuple) and doc and isinstance(doc[0], torch.Tensor):
+        doc = doc[0]                                            # (input_ids, targets or slice tags)
     if isinstance(doc, str):
         if tokenizer is None:
             raise DataError(f"{where} holds text but no tokenizer was given: pass tokenizer=<a Hugging Face "

@@ -41,6 +41,7 @@ from prunekit.sparse.masks import SparseMask
 from prunekit.sparse.prune import Sparse
 from prunekit.sparse.prune import Sparse as _Sparse
 from prunekit.structured import importance as I
+from prunekit.structured.handler import is_causal_lm, resolve_auto_importance
 from prunekit.structured.config import MACs, Params, Structured
 from prunekit.structured.sensitivity import sensitivity_ratios
 
@@ -326,6 +327,9 @@ class Executor:
     def _prepare_structured(self, cfg, step: Step):
         """Trace once, run data-aware importance calibration, apply sensitivity allocation if asked."""
         self.model.eval()
+        if cfg.importance == "auto" and is_causal_lm(self.model):      # LLMs: Taylor on the LM loss, not magnitude
+            calib = [split_batch(b)[0] for b in self._calibration()] if self.train is not None else None
+            cfg, _ = resolve_auto_importance(self.model, cfg, calib)
         self._graph = DependencyGraph(self.model, self.example_inputs, ignore=cfg.ignore)
         imp = I.resolve(cfg.importance)
         needs = isinstance(imp, I.Importance) and imp.needs_data
