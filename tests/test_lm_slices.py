@@ -69,3 +69,12 @@ def test_flags_use_log_perplexity_rise():
     cmp = pk.compare_slices(ref, pru)
     assert cmp.params["scale"] == "log" and cmp.flagged == ["code"]
     assert "rare" in pk.compare_slices(ref, pru, log=False).flagged    # linear ppl would blame the rare slice
+
+
+def test_report_plots_log_perplexity_rise():
+    pytest.importorskip("matplotlib")
+    from prunekit.report.plots import slice_plot
+    ref = _ppl_result({"en": np.log(10), "code": np.log(5)})
+    pru = _ppl_result({"en": np.log(20), "code": np.log(40)}, seed=1)
+    png = slice_plot(pk.compare_slices(ref, pru).to_dict())
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -69,7 +69,8 @@ def slice_plot(comparison: Optional[Dict[str, Any]], title: str = "per-slice qua
     if thr:
         ax.axvline(thr, color=_STATUS_COLORS[FLAG], lw=1, ls="--", label=f"flag threshold {thr:.4f}")
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("drop (positive = worse), with bootstrap CI; red = flagged, grey = too few to judge")
+    what = "log-perplexity rise" if comparison.get("params", {}).get("scale") == "log" else "drop"
+    ax.set_xlabel(f"{what} (positive = worse), with bootstrap CI; red = flagged, grey = too few to judge")
     ax.set_title(title, loc="left")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))     # outside: never over a CI bar
     return _png(fig)
