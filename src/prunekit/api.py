@@ -32,6 +32,13 @@ class PruneResult:
                 b, a = s[f"{k}_before"], s[f"{k}_after"]
                 lines.append(f"  {k:7s} {b:,} -> {a:,}  ({b / max(a, 1):.2f}x fewer)")
         lines += [f"  warning: {w}" for w in s.get("warnings", [])]
+        if isinstance(s.get("verification"), dict):
+            v = s["verification"]
+            if v.get("mode") == "off":
+                lines.append("  verification off (verify=False)")
+            else:
+                lines.append(f"  verified {v['mode']}: max relative difference {v['max_rel_diff']:.2e} from the "
+                             f"dense model with the removed channels zeroed (tolerance {v['tolerance']:.1e})")
         return "\n".join(lines)
 
 
@@ -39,7 +46,8 @@ def prune(model: nn.Module, config: Config, **context) -> PruneResult:
     """Prune `model` as `config` says.
 
     Context keywords depend on the method: `example_inputs=` (structured: traced to find coupled channels),
-    `data=` (calibration batches for data-aware scores), `inplace=` (modify `model` itself; default False).
+    `data=` (calibration batches for data-aware scores), `inplace=` (modify `model` itself; default False),
+    `verify=False` (structured: skip the check against the dense model with the removed channels zeroed).
     """
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"prune(model, ...): model must be a torch.nn.Module, got {type(model).__name__}")

@@ -10,7 +10,7 @@ from typing import Optional
 
 __all__ = ["PrunekitError", "ConfigError", "InputTypeError", "CalibrationDataError", "LoadError", "SaveError",
            "RunError", "ExportError",
-           "UnsupportedHardwareError", "DataError", "GraphError", "RecoveryDiverged", "CompareError",
+           "UnsupportedHardwareError", "DataError", "GraphError", "VerificationError", "RecoveryDiverged", "CompareError",
            "MetricError", "ReportError"]
 
 
@@ -60,6 +60,11 @@ class DataError(PrunekitError, RuntimeError):
 
 class GraphError(PrunekitError, RuntimeError):
     """The dependency graph could not be built (an op prunekit does not understand, an untraceable model)."""
+
+
+class VerificationError(GraphError):
+    """A structured cut changed what the model computes: the pruned model's outputs differ from the dense
+    model's with the removed channels zeroed. The message names the first diverging module and the `ignore=`."""
 
 
 class RecoveryDiverged(PrunekitError, RuntimeError):

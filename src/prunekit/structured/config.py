@@ -1,4 +1,4 @@
-"""TODO"""
+"""Config dataclasses of structured pruning: `Structured` and its resource targets `MACs` / `Params`."""
 from __future__ import annotations
 
 import dataclasses
@@ -63,6 +63,9 @@ class Structured(Config):
                   chooses which by its own scores), so a plain config (and llama.cpp's own architectures)
                   expresses the result; the count is the mean of what the blocks would keep on their own.
     tp_degree:    tensor-parallel degree: attention groups (KV heads) keep a multiple of it.
+    verify:       after the cut, run the pruned model and the dense model with the removed slices zeroed (in
+                  place, restored exactly) on the example inputs and raise VerificationError if they differ
+                  beyond float error (normalizations over pruned channels: reported as approximate).
     """
     ratio: Union[float, Dict[str, float]] = 0.5
     importance: Union[str, Callable] = "auto"
@@ -77,6 +80,7 @@ class Structured(Config):
     gqa: str = "groups"
     uniform: bool = False
     tp_degree: Optional[int] = None
+    verify: bool = True
 
     def __post_init__(self):
         if isinstance(self.ratio, dict):
@@ -98,6 +102,8 @@ class Structured(Config):
             raise ConfigError(f"Structured.tp_degree must be an int >= 1 or None, got {self.tp_degree!r}")
         if self.gqa not in ("groups", "query_heads"):
             raise ConfigError(f"Structured.gqa must be 'groups' or 'query_heads', got {self.gqa!r}")
+        if not isinstance(self.verify, bool):
+            raise ConfigError(f"Structured.verify must be True or False, got {self.verify!r}")
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
         self.ignore = list(self.ignore)

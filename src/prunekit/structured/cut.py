@@ -1,4 +1,5 @@
-"""TODO"""
+"""Cut a copy of the model along the graph's units, check that the copy runs and computes what the dense
+model computes with the removed channels zeroed (verify.py), and redo the cut around modules that break."""
 from __future__ import annotations
 
 import copy
@@ -12,11 +13,13 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from prunekit.batch import call_with_inputs
 from prunekit.errors import GraphError
 from prunekit.graph.groups import DependencyGraph
 from prunekit.graph.ops import tensors
 from prunekit.models import hf
 from prunekit.structured.surgery import apply_kept, is_known_module
+from prunekit.structured.verify import Verification, record_outputs, tensors_of, tolerance, verify_cut
 
 # ------------------------------------------------------------------------------------------- handler
 
@@ -77,20 +80,9 @@ def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> 
     return out
 
 
-def _outputs(out):
-    from torch.utils._pytree import tree_flatten
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-
-
 def run_model(model, example_inputs):
     with torch.no_grad():
-        if isinstance(example_inputs, dict):
-            return model(**example_inputs)
-        if isinstance(example_inputs, (tuple, list)):
-            return model(*example_inputs)
-        return model(example_inputs)
+        return call_with_inputs(model, example_inputs)
 
 
 def remove_units(model: nn.Module, graph: DependencyGraph, removed: Dict[int, torch.Tensor]):
@@ -152,12 +144,15 @@ def _failing_op_feeders(pruned: nn.Module, example_inputs) -> List[str]:
     return sorted(mode.failed)
 
 
-def _validate(pruned, example_inputs, base_out):
-    """Run the pruned model; None if it works with unchanged output shapes, else (innermost module, error)."""
+def _validate(pruned, example_inputs, base_out, record: Dict):
+    """Run the pruned model; None if it works with unchanged output shapes, else (innermost module, error).
+
+    `record` receives the pruned model's outputs and per-module outputs (for verify_cut)."""
     stack = [""]
     names = {m: n for n, m in pruned.named_modules()}
     done = [""]        # the last module with parameters of its own that finished: what feeds a top-level op
     hooks = []
+
     def pre(mod, args):
         stack.append(names[mod])
 
@@ -172,7 +167,8 @@ def _validate(pruned, example_inputs, base_out):
     was = pruned.training
     pruned.eval()
     try:
-        new_out = _outputs(run_model(pruned, example_inputs))
+        new_out, record["modules"] = record_outputs(pruned, example_inputs)
+        record["out"] = new_out
     except Exception as e:
         feeders = _failing_op_feeders(pruned, example_inputs) if not stack[-1] else []
         return stack[-1], " ".join(f"{type(e).__name__}: {e}".split())[:300], feeders
@@ -195,16 +191,19 @@ class Cut:
     attrs: List[List]
     ignore: List[str]
     auto_ignored: List[str]
+    verification: Verification
 
 
 def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGraph], Dict[int, torch.Tensor]],
               ignore: Sequence[str] = (), graph: Optional[DependencyGraph] = None, attempts: int = 8,
-              gqa: str = "groups") -> Cut:
+              gqa: str = "groups", verify: bool = True) -> Cut:
     """Trace, let `choose(graph)` pick units to remove, cut a copy, and check the copy runs.
 
     When the cut copy fails inside some module (its code derives one size from another, e.g.
     `reshape(B, N, C)` with C the input width but the heads pruned), every module of that class is added to
-    `ignore` and the cut is redone. `model` is never modified."""
+    `ignore` and the cut is redone. With `verify`, the copy must then compute what `model` computes with the
+    removed slices zeroed (zeroed in place and restored bit-identically), else VerificationError. `model` is
+    left as it was."""
     ignore = list(ignore)
     auto_ignored: List[str] = []
     for attempt in range(attempts):
@@ -217,9 +216,17 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
                 model.train(was_training)
         removed = choose(graph)
         pruned, kept, attrs = remove_units(model, graph, removed)
-        failure = _validate(pruned, example_inputs, _outputs(graph.trace.output))
+        record: Dict = {}
+        # with verify, output shapes are compared with the dense model with the removed slices zeroed, not
+        # with the original: post-processed outputs (detections) may differ in number from the original's
+        base_out = [] if verify and kept else tensors_of(graph.trace.output)
+        failure = _validate(pruned, example_inputs, base_out, record)
         if failure is None:
-            return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored)
+            check = Verification("exact" if verify else "off", 0.0, tolerance(torch.float32))
+            if verify and kept:
+                exact = all(graph.groups[gi].exact for gi, mask in removed.items() if bool(mask.any()))
+                check = verify_cut(model, kept, example_inputs, record["out"], record["modules"], exact)
+            return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored, check)
         mod_name, err, feeders = failure
         if not mod_name:
             feeders = [f for f in feeders if f]

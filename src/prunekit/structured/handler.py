@@ -26,7 +26,8 @@ from prunekit.structured.surgery import apply_kept
 
 @register_handler(Structured)
 def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, inplace: bool = False,
-                     graph: Optional[DependencyGraph] = None, data=None, **_) -> PruneResult:
+                     graph: Optional[DependencyGraph] = None, data=None, verify: Optional[bool] = None,
+                     **_) -> PruneResult:
     if example_inputs is None:
         raise ConfigError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
                           "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
@@ -57,7 +58,8 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
             return allocate_for_target(g, sc, cfg, skip=skip)
         return allocate(g, sc, cfg, skip=skip)
 
-    cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph, gqa=cfg.gqa)
+    verify = cfg.verify if verify is None else bool(verify)
+    cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph, gqa=cfg.gqa, verify=verify)
     graph, removed, pruned, kept, attrs = cut.graph, cut.removed, cut.pruned, cut.kept, cut.attrs
     ignore, auto_ignored, lat_info, t_graph = cut.ignore, cut.auto_ignored, info.get("lat"), info["t_graph"]
     t_alloc = t_graph
@@ -94,7 +96,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
              "macs_before": macs_before, "macs_after": macs_after, "groups": len(graph.groups),
              "groups_pruned": len(removed), "time_graph_s": t_graph, "time_alloc_s": t_alloc - t_graph,
              "time_total_s": t_surgery, "auto_ignored": auto_ignored,
-             "ignore": ignore}
+             "ignore": ignore, "verification": cut.verification.to_dict()}
     if lat_info:
         stats.update(lat_info)
     if warning:

@@ -1,0 +1,245 @@
+"""Check a structured cut: the pruned model must compute what the dense model computes with the removed
+slices zeroed.
+
+Zeroing every removed slice (a producer's rows and bias, BN/norm entries, a consumer's input columns) makes
+the dense model's removed channels contribute exactly nothing, so a correct cut reproduces it up to float
+error. When it does not, some code reads a size at run time (`x / sqrt(x.shape[1])`, a mean over channels,
+`labels = idx % num_classes`) and the pruned model computes a different function: that must not pass
+silently. The dense run happens on the original model with the slices zeroed in place and restored
+bit-identically afterwards, so no second copy of the model is needed.
+
+Normalizations over a pruned dimension (LayerNorm/GroupNorm/RMSNorm, softmax over channels; the graph marks
+such groups inexact) change with the width even when the removed channels are zero: those comparisons are
+reported as approximate with the measured difference instead of raising.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from prunekit.batch import call_with_inputs
+from prunekit.errors import VerificationError
+
+# stop keeping per-module outputs of the pruned run beyond this many bytes (the model output is always kept)
+_KEEP_BYTES = 1 << 30
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest relative difference that float error explains: 4096 ulps of the dtype, at most 5%.
+
+    float32 -> 4.9e-4, float64 -> 9.1e-13, bfloat16/float16 -> 0.05. Sizes read at run time change outputs
+    by far more (dividing by sqrt(C) after removing 30% of C: 0.2)."""
+    return min(0.05, torch.finfo(dtype).eps * 4096) if dtype.is_floating_point else 0.0
+
+
+def tensors_of(out: Any) -> List[torch.Tensor]:
+    """Every tensor in a (possibly nested) model output; Hugging Face ModelOutputs via `to_tuple()`."""
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def removed_slices_zeroed(model: nn.Module, kept: Dict[str, Dict[int, List[int]]]) -> Iterator[None]:
+    """Zero, in place, every slice of `model`'s parameters that `kept` drops; restore the exact values after.
+
+    Only the dropped slices are saved (never a copy of the model). Buffers are left alone: with a norm's
+    weight and bias zeroed its running statistics no longer matter."""
+    params = dict(model.named_parameters(remove_duplicate=True))
+    saved: List[Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for name, dims in kept.items():
+            p = params.get(name)
+            if p is None:
+                continue
+            for dim, keep in dims.items():
+                gone = torch.ones(p.shape[int(dim)], dtype=torch.bool)
+                gone[torch.as_tensor(keep, dtype=torch.long)] = False
+                idx = torch.nonzero(gone).flatten().to(p.device)
+                if idx.numel():
+                    saved.append((p, int(dim), idx, p.index_select(int(dim), idx).clone()))
+        try:
+            for p, dim, idx, _ in saved:
+                p.index_fill_(dim, idx, 0.0)
+            yield
+        finally:
+            for p, dim, idx, values in reversed(saved):
+                p.index_copy_(dim, idx, values)
+
+
+class _Recorder:
+    """Forward hooks on every module: outputs per (module name, call number), in completion order."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {m: n for n, m in model.named_modules()}
+        self.calls: Dict[str, int] = {}
+        self.order: List[Tuple[str, int]] = []
+        self.handles = [m.register_forward_hook(self._post) for m in model.modules()]
+
+    def _post(self, mod, _args, out):
+        name = self.names.get(mod, "?")
+        k = self.calls.get(name, 0)
+        self.calls[name] = k + 1
+        self.on_output((name, k), tensors_of(out))
+
+    def on_output(self, key, outs):
+        raise NotImplementedError  # subclasses decide what to do with each module output
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+class _Keep(_Recorder):
+    def __init__(self, model):
+        super().__init__(model)
+        self.outputs: Dict[Tuple[str, int], List[torch.Tensor]] = {}
+        self.bytes = 0
+
+    def on_output(self, key, outs):
+        outs = [t for t in outs if t.is_floating_point()]
+        size = sum(t.numel() * t.element_size() for t in outs)
+        if key[0] and self.bytes + size > _KEEP_BYTES:
+            return
+        self.bytes += size
+        outs = [t.detach().clone() for t in outs]        # a later in-place op (ReLU(inplace=True)) may change it
+        self.order.append(key)
+        self.outputs[key] = outs
+
+
+class _Compare(_Recorder):
+    def __init__(self, model, reference: Dict[Tuple[str, int], List[torch.Tensor]]):
+        super().__init__(model)
+        self.reference = reference
+        self.worst = 0.0
+        self.compared = 0
+        self.first: Optional[Tuple[str, float]] = None
+
+    def on_output(self, key, outs):
+        ref = self.reference.get(key)
+        if ref is None or not key[0]:
+            return
+        outs = [t.detach() for t in outs if t.is_floating_point()]
+        for dense, pruned in zip(outs, ref):
+            d = relative_difference(dense, pruned)
+            if d is None:
+                continue
+            self.compared += 1
+            self.worst = max(self.worst, d)
+            if self.first is None and d > tolerance(pruned.dtype):
+                self.first = (key[0], d)
+
+
+def _aligned(dense: torch.Tensor, pruned: torch.Tensor) -> Optional[torch.Tensor]:
+    """`dense` restricted to the positions the pruned tensor kept, found as the positions that are not
+    exactly zero along each shrunk dim; None when that does not single them out."""
+    if dense.dim() != pruned.dim():
+        return None
+    for k in range(dense.dim()):
+        if dense.shape[k] == pruned.shape[k]:
+            continue
+        if dense.shape[k] < pruned.shape[k]:
+            return None
+        nonzero = dense.movedim(k, 0).reshape(dense.shape[k], -1).ne(0).any(1)
+        if int(nonzero.sum()) != pruned.shape[k]:
+            return None
+        dense = dense.index_select(k, torch.nonzero(nonzero).flatten())
+    return dense
+
+
+def relative_difference(dense: torch.Tensor, pruned: torch.Tensor) -> Optional[float]:
+    """max |dense - pruned| / max |dense| over the positions both hold; None if they cannot be aligned."""
+    if dense.shape != pruned.shape:
+        dense = _aligned(dense, pruned)
+        if dense is None:
+            return None
+    if dense.numel() == 0:
+        return 0.0
+    a, b = dense.double(), pruned.double().to(dense.device)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return 0.0 if torch.equal(a.nan_to_num(), b.nan_to_num()) else float("inf")
+    scale = a.abs().max().clamp_min(torch.finfo(dense.dtype).tiny)
+    return float((a - b).abs().max() / scale)
+
+
+@dataclasses.dataclass
+class Verification:
+    """What the comparison of the pruned model with the dense-with-zeros model found."""
+    mode: str                 # "exact" (float error only), "approximate" (a norm spans pruned channels), "off"
+    max_rel_diff: float       # over the model outputs
+    tolerance: float
+    modules_compared: int = 0
+    max_module_rel_diff: float = 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def record_outputs(model: nn.Module, example_inputs) -> Tuple[List[torch.Tensor], Dict]:
+    """Run `model` (no grad) keeping its outputs and every module's floating outputs for `verify_cut`."""
+    rec = _Keep(model)
+    try:
+        with torch.no_grad():
+            out = tensors_of(call_with_inputs(model, example_inputs))
+    finally:
+        rec.remove()
+    return out, rec.outputs
+
+
+def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_inputs,
+               pruned_out: List[torch.Tensor], pruned_modules: Dict, exact: bool) -> Verification:
+    """Run `model` with the slices `kept` drops zeroed in place (restored after) and compare its module
+    outputs and model outputs with those of the pruned model (`record_outputs`).
+
+    exact=False (a normalization over pruned channels): measure and report. exact=True: raise
+    VerificationError naming the first module (in completion order) whose output diverges."""
+    was = model.training
+    model.eval()
+    cmp = _Compare(model, pruned_modules)
+    try:
+        with removed_slices_zeroed(model, kept), torch.no_grad():
+            dense_out = tensors_of(call_with_inputs(model, example_inputs))
+    finally:
+        cmp.remove()
+        model.train(was)
+    worst, shape_change = 0.0, None
+    tol = max((tolerance(t.dtype) for t in dense_out if t.is_floating_point()), default=tolerance(torch.float32))
+    for i, (a, b) in enumerate(zip(dense_out, pruned_out)):
+        if a.shape != b.shape:
+            shape_change = shape_change or (i, tuple(a.shape), tuple(b.shape))
+            continue
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                worst = float("inf")
+            continue
+        worst = max(worst, relative_difference(a, b))
+    if len(dense_out) != len(pruned_out):
+        shape_change = shape_change or (len(dense_out), f"{len(dense_out)} tensors", f"{len(pruned_out)} tensors")
+    result = Verification("exact" if exact else "approximate", worst, tol, cmp.compared, cmp.worst)
+    if exact and (worst > tol or shape_change is not None or cmp.first is not None):
+        raise VerificationError(_mismatch_message(model, cmp.first, worst, tol, shape_change))
+    return result
+
+
+def _mismatch_message(model, first, worst, tol, shape_change) -> str:
+    if shape_change is not None:
+        i, a, b = shape_change
+        what = f"output {i} has shape {b} instead of {a}"
+    else:
+        what = f"the outputs differ by {worst:.3g} (relative; tolerance {tol:.1e})"
+    if first is not None:
+        name, d = first
+        cls = type(model.get_submodule(name)).__name__
+        where = (f"first diverging module: '{name}' ({cls}, relative difference {d:.3g}); it probably computes "
+                 f"with a size read at run time (e.g. x / sqrt(x.shape[1])). Pass ignore=['{name}']")
+    else:
+        where = (f"no submodule output diverges, so {type(model).__name__}.forward itself reads a pruned size "
+                 f"(e.g. labels = index % num_classes). Pass ignore= naming the modules that produce its "
+                 f"outputs (e.g. the classification head)")
+    return (f"structured pruning changed what the model computes: {what} compared with the dense model with "
+            f"the removed channels zeroed; {where}, or verify=False to accept the difference.")
