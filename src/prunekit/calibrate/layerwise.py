@@ -35,7 +35,7 @@ import torch.nn as nn
 from prunekit.batch import _eval_mode, _map_tensors, _model_device, call_batch
 from prunekit.errors import ConfigError, GraphError, InputTypeError
 
-__all__ = ["CalibrationDataError", "as_batches", "find_blocks", "ActivationBuffer", "capture_block_inputs",
+__all__ = ["CalibrationDataError", "as_batches", "find_blocks", "chain_break", "ActivationBuffer", "capture_block_inputs",
            "run_layerwise", "run_whole", "measure_peak_memory", "peak_rss_bytes"]
 
 Observe = Callable[[int, str, nn.Module], List[Any]]   # returns hook handles (anything with .remove())
@@ -67,6 +67,53 @@ def find_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
         raise ConfigError(f"{type(model).__name__} has no nn.ModuleList of repeated blocks with parameters; "
                           f"use the whole-model pipeline (pipeline='whole') instead")
     return best
+
+
+@torch.no_grad()
+def chain_break(model: nn.Module, layers: nn.ModuleList, batch: Dict[str, Any]) -> Optional[str]:
+    """None when `layers` form a chain on `batch` (each block runs once, in order, and block i+1 receives
+    exactly block i's output as its hidden states), else why not.
+
+    Layer-wise calibration feeds block i's output to block i+1; on a list that is not such a chain (FPN
+    levels of a detection head, stages with downsampling in between) it would calibrate every block on the
+    wrong activations, so the caller falls back to whole-model calibration."""
+    calls: List[Tuple[int, Any, Any]] = []
+    index = {id(b): i for i, b in enumerate(layers)}
+
+    def pre(mod, args, kwargs):
+        calls.append([index[id(mod)], _hidden_or_none(tuple(args), dict(kwargs)), None])
+
+    def post(mod, _args, _kwargs, out):
+        calls[-1][2] = out if isinstance(out, torch.Tensor) else _first_tensor(out)
+
+    handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in layers]
+    handles += [b.register_forward_hook(post, with_kwargs=True) for b in layers]
+    try:
+        with _eval_mode(model):
+            call_batch(model, batch, _model_device(model))
+    finally:
+        for h in handles:
+            h.remove()
+    order = [c[0] for c in calls]
+    if order != list(range(len(layers))):
+        return f"its blocks run in the order {order[:8]}{'...' if len(order) > 8 else ''}, not once each in turn"
+    for (i, _, out), (j, nxt, _) in zip(calls, calls[1:]):
+        if out is None or nxt is None or out.shape != nxt.shape or not (out is nxt or torch.equal(out, nxt)):
+            return f"block {j} does not receive block {i}'s output as its input"
+    return None
+
+
+def _hidden_or_none(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    h = args[0] if args else kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+    try:
+        h = _block_output(out)
+    except (TypeError, IndexError, KeyError):
+        return None
+    return h if isinstance(h, torch.Tensor) else None
 
 
 def _is_cache(obj: Any) -> bool:

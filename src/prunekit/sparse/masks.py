@@ -7,7 +7,7 @@ an optimizer that moves `original` -- weight decay, momentum -- leaves `module.w
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,14 +41,32 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def is_dense_conv(module: nn.Module) -> bool:
-    """nn.Conv1d / nn.Conv2d without groups: a matrix product over unfolded input patches, so the linear-layer
-    algorithms apply to its weight viewed as (out_channels, in_channels * kernel elements)."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and isinstance(module.weight, torch.Tensor)
+    """nn.Conv1d / nn.Conv2d / nn.Conv3d without groups: a matrix product over unfolded input patches, so the
+    linear-layer algorithms apply to its weight viewed as (out_channels, in_channels * kernel elements)."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups == 1
+            and isinstance(module.weight, torch.Tensor))
 
 
 def is_sparse_target(module: nn.Module) -> bool:
-    """Layers `pk.Sparse` can prune: linear layers (nn.Linear, Conv1D) and ungrouped Conv1d/Conv2d."""
+    """Layers `pk.Sparse` can prune: linear layers (nn.Linear, Conv1D) and ungrouped Conv1d/Conv2d/Conv3d."""
     return is_linear_like(module) or is_dense_conv(module)
+
+
+def matmul_coverage(model: nn.Module, targets: Sequence[str]) -> float:
+    """Fraction of the model's matmul parameters (Linear/Conv1D/Conv weights of any kind, and 3-D tensors
+    outside convolutions such as stacked expert weights) that the named target layers hold."""
+    mods = dict(model.named_modules())
+    seen: Dict[int, torch.Tensor] = {}       # keeps every counted tensor alive, so ids cannot be reused
+    for m in mods.values():
+        if is_linear_like(m) or isinstance(m, nn.modules.conv._ConvNd):
+            w = stored_weight(m)
+            seen.setdefault(id(w), w)
+    for p in model.parameters():
+        if p.dim() == 3:
+            seen.setdefault(id(p), p)
+    total = sum(t.numel() for t in seen.values())
+    held = sum(mods[n].weight.numel() for n in set(targets))
+    return held / total if total else 1.0
 
 
 def _transposed(module: nn.Module) -> bool:
@@ -87,6 +105,8 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     stride and dilation applied exactly as in its forward)."""
     if not is_dense_conv(module):
         return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv3d):
+        return _conv3d_rows(module, x)
     conv1d = isinstance(module, nn.Conv1d)
     if conv1d:                                              # [B, C, L] -> [B, C, 1, L]
         x = x.unsqueeze(-2)
@@ -111,6 +131,23 @@ def layer_input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     pad = (0, *pad) if conv1d else pad
     cols = F.unfold(x, k, dilation=dil, padding=pad, stride=stride)      # [B, C*kh*kw, positions]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _conv3d_rows(module: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """Unfolded (B * positions, C * kd * kh * kw) patches of a 3-D convolution (F.unfold is 2-D only): pad
+    like the conv, take windows of the dilated kernel's extent along each spatial dim, keep every
+    dilation-th element; columns in the order of weight.reshape(out, -1)."""
+    if isinstance(module.padding, str):
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        pads = [0] * 6 if module.padding == "valid" else [v for t in reversed(total) for v in (t // 2, t - t // 2)]
+    else:
+        pads = list(module._reversed_padding_repeated_twice)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, pads, mode=mode) if any(pads) else x
+    for dim, (k, st, dl) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + dim, dl * (k - 1) + 1, st)[..., ::dl]           # window dims appended at the end
+    b, c, d, h, w = x.shape[:5]                                           # (B, C, D', H', W', kd, kh, kw)
+    return x.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(b * d * h * w, -1)
 
 
 def _mask_of(module: nn.Module) -> Optional[SparseMask]:

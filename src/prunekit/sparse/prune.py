@@ -31,7 +31,7 @@ from prunekit.batch import (
     call_batch,
     forward_parameters,
 )
-from prunekit.calibrate.layerwise import find_blocks, run_layerwise, run_whole
+from prunekit.calibrate.layerwise import chain_break, find_blocks, run_layerwise, run_whole
 from prunekit.config import Config, check_type, register_config, register_handler
 from prunekit.errors import ConfigError
 from prunekit.objective import logits_of
@@ -50,6 +50,7 @@ from prunekit.sparse.masks import (
     bake,
     is_sparse_target,
     layer_input_rows,
+    matmul_coverage,
     sparsity_stats,
     stored_weight,
     to_weight_layout,
@@ -343,6 +344,14 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
             n_blocks = len(layers)
         except ValueError:
             pass
+    notes: List[str] = []
+    if pipeline == "layerwise" and prefix is not None and batches and (cfg.needs_data or cfg.allocation != "uniform"):
+        broken = chain_break(model, layers, batches[0])
+        if broken is not None:                  # block i's output is not block i+1's input: calibrate whole
+            pipeline = "whole"
+            notes.append(f"calibrated in one whole-model pass, not block by block: '{prefix}' is not a chain "
+                         f"({broken})")
+            log.warning("Sparse: %s", notes[-1])
     by_block, rest = _group_targets(names, prefix, n_blocks)
 
     if cfg.allocation != "uniform":
@@ -402,6 +411,14 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     if skipped:
         log.warning("Sparse: %d target layers never ran on the calibration data and were left dense: %s",
                     len(skipped), ", ".join(skipped[:5]))
+        notes.append(f"{len(skipped)} target layers skipped (left dense): their weights are used outside their "
+                     f"own forward, e.g. F.linear(x, layer.weight): {', '.join(skipped[:5])}")
+    coverage = matmul_coverage(model, names)
+    if coverage < 0.9:
+        notes.append(f"the targets hold {coverage:.0%} of the model's matmul parameters (Linear/Conv weights "
+                     f"and 3-D expert tensors); the rest stays dense, so the model is less sparse than "
+                     f"{cfg.sparsity:.0%}")
+    stats.update(warnings=notes, matmul_coverage=coverage)
     if cfg.bake:
         stats["baked"] = bake(model)
     return PruneResult(model=model, plan=plan, config=cfg, stats=stats)
