@@ -144,10 +144,10 @@ def _failing_op_feeders(pruned: nn.Module, example_inputs) -> List[str]:
     return sorted(mode.failed)
 
 
-def _validate(pruned, example_inputs, base_out, record: Dict):
+def _validate(pruned, example_inputs, base_out, record: Dict, modules: bool = False):
     """Run the pruned model; None if it works with unchanged output shapes, else (innermost module, error).
 
-    `record` receives the pruned model's outputs and per-module outputs (for verify_cut)."""
+    `record` receives the pruned model's outputs and (`modules`) per-module outputs, for verify_cut."""
     stack = [""]
     names = {m: n for n, m in pruned.named_modules()}
     done = [""]        # the last module with parameters of its own that finished: what feeds a top-level op
@@ -167,7 +167,7 @@ def _validate(pruned, example_inputs, base_out, record: Dict):
     was = pruned.training
     pruned.eval()
     try:
-        new_out, record["modules"] = record_outputs(pruned, example_inputs)
+        new_out, record["modules"] = record_outputs(pruned, example_inputs, modules)
         record["out"] = new_out
     except Exception as e:
         feeders = _failing_op_feeders(pruned, example_inputs) if not stack[-1] else []
@@ -220,11 +220,11 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
         # with verify, output shapes are compared with the dense model with the removed slices zeroed, not
         # with the original: post-processed outputs (detections) may differ in number from the original's
         base_out = [] if verify and kept else tensors_of(graph.trace.output)
-        failure = _validate(pruned, example_inputs, base_out, record)
+        exact = all(graph.groups[gi].exact for gi, mask in removed.items() if bool(mask.any()))
+        failure = _validate(pruned, example_inputs, base_out, record, modules=verify and exact and bool(kept))
         if failure is None:
             check = Verification("exact" if verify else "off", 0.0, tolerance(torch.float32))
             if verify and kept:
-                exact = all(graph.groups[gi].exact for gi, mask in removed.items() if bool(mask.any()))
                 check = verify_cut(model, kept, example_inputs, record["out"], record["modules"], exact)
             return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored, check)
         mod_name, err, feeders = failure

@@ -160,7 +160,7 @@ def relative_difference(dense: torch.Tensor, pruned: torch.Tensor) -> Optional[f
             return None
     if dense.numel() == 0:
         return 0.0
-    a, b = dense.double(), pruned.double().to(dense.device)
+    a, b = dense.detach().double(), pruned.detach().double().to(dense.device)
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return 0.0 if torch.equal(a.nan_to_num(), b.nan_to_num()) else float("inf")
     scale = a.abs().max().clamp_min(torch.finfo(dense.dtype).tiny)
@@ -180,8 +180,12 @@ class Verification:
         return dataclasses.asdict(self)
 
 
-def record_outputs(model: nn.Module, example_inputs) -> Tuple[List[torch.Tensor], Dict]:
-    """Run `model` (no grad) keeping its outputs and every module's floating outputs for `verify_cut`."""
+def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Tuple[List[torch.Tensor], Dict]:
+    """Run `model` (no grad) keeping its outputs and (`modules`) every module's floating outputs for
+    `verify_cut`."""
+    if not modules:
+        with torch.no_grad():
+            return tensors_of(call_with_inputs(model, example_inputs)), {}
     rec = _Keep(model)
     try:
         with torch.no_grad():
@@ -196,7 +200,7 @@ def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_
     """Run `model` with the slices `kept` drops zeroed in place (restored after) and compare its module
     outputs and model outputs with those of the pruned model (`record_outputs`).
 
-    exact=False (a normalization over pruned channels): measure and report. exact=True: raise
+    exact=False (a normalization over pruned channels): measure the outputs and report. exact=True: raise
     VerificationError naming the first module (in completion order) whose output diverges."""
     was = model.training
     model.eval()
