@@ -383,3 +383,21 @@ def test_cut_failure_at_top_level_hints_a_working_ignore():
     names = _hinted_ignore(str(e.value))
     r = pk.prune(m, pk.Structured(ratio=0.5, ignore=names), example_inputs=x)
     assert outputs(r.model, x)[0].shape == outputs(m, x)[0].shape
+
+
+def test_register_adds_a_rule_for_a_new_op():
+    from prunekit.graph.rules import RULES, register
+    from prunekit.graph.rules.elementwise import unary
+    m, x = Unknown("top").eval(), IMG()
+    assert "logcumsumexp" not in RULES
+    try:
+        @register("logcumsumexp")
+        def rule_logcumsumexp(tr, args, kwargs, out):     # cumulative along a spatial dim: channels pass
+            dim = args[1] if len(args) > 1 else kwargs["dim"]
+            assert dim % args[0].dim() != 1
+            unary(tr, "logcumsumexp", args, kwargs, out)
+
+        r = check_prunes(m, x)
+        assert r.model.inner[0].out_channels < 8
+    finally:
+        RULES.pop("logcumsumexp", None)

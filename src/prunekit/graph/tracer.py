@@ -261,7 +261,7 @@ class Tracer(TorchFunctionMode):
         feeders = self._feeders()
         if feeders:
             return f"Pass ignore={feeders!r} (what feeds it, nearest first) to leave those channels untouched."
-        return "No parameter feeds it; pass a smaller example input or report the op to prunekit."
+        return "No parameter feeds it, so no ignore= can help; please report this op to prunekit."
 
     def _feeders(self) -> List[str]:
         ids = [b.reshape(-1) for t in self.inputs for b in self.blocks(t)]
