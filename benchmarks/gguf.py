@@ -49,7 +49,8 @@ def variants(model, calib, work: Path):
     names = ("width", "depth", "both")
     tag = f"calib{len(calib)}"
     if all((work / f"{n}-{tag}" / "plan.json").is_file() for n in names):
-        return {"dense": model, **{n: pk.load(work / f"{n}-{tag}").eval() for n in names}}
+        # this script's own cache (written by an earlier run, possibly by an older prunekit)
+        return {"dense": model, **{n: pk.load(work / f"{n}-{tag}", verify=False).eval() for n in names}}
     taylor = [{"input_ids": w, "labels": w} for w in calib]
     width_cfg = pk.Structured(ratio={".*self_attn.*": 0.34, ".*mlp.*": 0.25},
                               importance=pk.Taylor(data=taylor, batches=len(taylor)))
@@ -99,8 +100,9 @@ def markdown(rows) -> str:
         out.append(f"| {r['model']} | {r['dtype']} | {s['layers']} / {s['heads']} / {s['kv_heads']} / {s['ffn']} | "
                    f"{r['bytes'] / 2**20:.0f} | {r['prefill_tok_s']:.0f} ({r['prefill_x']:.2f}x) | "
                    f"{r['decode_tok_s']:.1f} ({r['decode_x']:.2f}x) | {r['mac_reduction']:.2f}x | "
-                   f"{r['byte_reduction']:.2f}x | {r['ppl_llama_cpp']:.2f} | {r['ppl_pytorch']:.2f} | "
-                   f"{100 * (r['ppl_llama_cpp'] / r['ppl_pytorch'] - 1):+.2f}% |")
+                   f"{r['byte_reduction']:.2f}x | " + (f"{r['ppl_llama_cpp']:.2f} | {r['ppl_pytorch']:.2f} | "
+                   f"{100 * (r['ppl_llama_cpp'] / r['ppl_pytorch'] - 1):+.2f}% |" if "ppl_llama_cpp" in r
+                                                         else "- | - | - |"))
     return "\n".join(out)
 
 
@@ -123,19 +125,19 @@ def main():
     work = Path(a.workdir)
     models = variants(model, calib, work)
     print(f"pruned in {time.perf_counter() - t0:.0f}s", flush=True)
+    result = {"command": "python benchmarks/gguf.py " + " ".join(sys.argv[1:]), "threads": a.threads,
+              "window": WINDOW, "calib_windows": a.calib, "heldout_windows": a.windows, "decode_tokens": a.decode,
+              "reps": a.reps, "env": environment_info()}
     files, rows = {}, []
-    for name, m in models.items():
-        ppl_pt = pk.evaluate(m, pk.TokenWindows(torch.cat(held, 1), WINDOW, batch_size=1), metric="perplexity").value
+    for name, m in models.items():                      # 1. export (shapes, bytes, MACs)
         macs = pk.count_macs(m, {"input_ids": held[0]})
         for dt in DTYPES:
             info = export_gguf(m, work / f"{name}-{dt}.gguf", dtype=dt, tokenizer=source_gguf(), threads=a.threads)
             files[(name, dt)] = info["path"]
-            ppl = gguf_perplexity(info["path"], [w[0].tolist() for w in held], threads=a.threads)
             rows.append({"model": name, "dtype": dt, "architecture": info["architecture"], "shape": shape_of(m),
-                         "bytes": tensor_bytes(info["path"]), "macs_prefill": macs, "ppl_pytorch": ppl_pt,
-                         "ppl_llama_cpp": ppl})
-            print(f"{name} {dt}: {info['architecture']} ppl llama.cpp {ppl:.3f} vs PyTorch {ppl_pt:.3f}", flush=True)
-    speed = timed({k: v for k, v in files.items()}, held[0][0].tolist(), a.decode, a.reps, a.threads)
+                         "bytes": tensor_bytes(info["path"]), "macs_prefill": macs})
+        print(f"exported {name}", flush=True)
+    speed = timed(files, held[0][0].tolist(), a.decode, a.reps, a.threads)   # 2. interleaved speed
     base = {r["dtype"]: r for r in rows if r["model"] == "dense"}
     for r in rows:
         r.update(speed[(r["model"], r["dtype"])])
@@ -145,10 +147,26 @@ def main():
         r["decode_x_vs_dense_f16"] = r["decode_tok_s"] / speed[("dense", "f16")]["decode_tok_s"]
         r["mac_reduction"] = d["macs_prefill"] / r["macs_prefill"]
         r["byte_reduction"] = d["bytes"] / r["bytes"]
-    f16 = [r for r in rows if r["dtype"] == "f16"]
+    save(a.out, result, rows, t0)
+    for name, m in models.items():                      # 3. perplexity: PyTorch float32 vs llama.cpp
+        ppl_pt = pk.evaluate(m, pk.TokenWindows(torch.cat(held, 1), WINDOW, batch_size=1), metric="perplexity").value
+        for r in rows:
+            if r["model"] == name:
+                r["ppl_pytorch"] = ppl_pt
+                r["ppl_llama_cpp"] = gguf_perplexity(files[(name, r["dtype"])], [w[0].tolist() for w in held],
+                                                     threads=a.threads)
+                print(f"{name} {r['dtype']}: ppl llama.cpp {r['ppl_llama_cpp']:.3f} vs PyTorch {ppl_pt:.3f}",
+                      flush=True)
+                save(a.out, result, rows, t0)
+    print(result["markdown"])
+    print(json.dumps(result["goals"], indent=1))
+
+
+def goals_of(rows) -> dict:
     pruned = [r for r in rows if r["model"] != "dense"]
-    goals = {
-        "f16_ppl_within_1pct": {r["model"]: abs(r["ppl_llama_cpp"] / r["ppl_pytorch"] - 1) for r in f16},
+    return {
+        "f16_ppl_rel_diff": {r["model"]: r["ppl_llama_cpp"] / r["ppl_pytorch"] - 1 for r in rows
+                             if r["dtype"] == "f16" and "ppl_llama_cpp" in r},
         "decode_x_over_byte_reduction": {f"{r['model']}-{r['dtype']}": r["decode_x"] / r["byte_reduction"]
                                          for r in pruned},
         "prefill_x_over_mac_reduction": {f"{r['model']}-{r['dtype']}": r["prefill_x"] / r["mac_reduction"]
@@ -156,16 +174,14 @@ def main():
         "pruned_q8_decode_vs_dense_f16": {r["model"]: r["decode_x_vs_dense_f16"] for r in pruned
                                           if r["dtype"] == "q8_0"},
     }
-    md = markdown(rows)
-    print(md)
-    print(json.dumps(goals, indent=1))
-    result = {"command": "python benchmarks/gguf.py " + " ".join(sys.argv[1:]), "threads": a.threads,
-              "window": WINDOW, "calib_windows": a.calib, "heldout_windows": a.windows, "decode_tokens": a.decode,
-              "reps": a.reps, "rows": rows, "goals": goals, "markdown": md, "env": environment_info(),
-              "seconds": time.perf_counter() - t0}
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def save(out, result, rows, t0) -> None:
+    """Write what is measured so far (a run cut short still leaves its numbers)."""
+    result.update(rows=rows, goals=goals_of(rows), markdown=markdown(rows), seconds=time.perf_counter() - t0)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

