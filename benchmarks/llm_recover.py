@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llm_sparse as L  # noqa: E402  (cached SmolLM2 loader)
+from smollm2 import load_model  # noqa: E402  (the shared, cached SmolLM2 loader)
 
 import prunekit as pk  # noqa: E402
 from prunekit.data import lm  # noqa: E402
@@ -135,7 +135,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/llm_recover.json")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    dense, tok = L.load_model()
+    dense, tok = load_model()
     OUT.update(args=vars(a), torch=torch.__version__, machine="2 shared CPU cores", variants={})
     ev = pk.data.load("lm-slices", tokenizer=tok, length=a.length, windows=a.windows, batch_size=4)
     cal = calibration(tok, a.calib, a.length)
