@@ -49,6 +49,7 @@ from prunekit.sparse import Sparse
 from prunekit.structured import (
     Activation,
     BNScale,
+    Experts,
     Fluctuation,
     Latency,
     MACs,
@@ -74,7 +75,7 @@ __all__ = [
     # the verb and its result
     "prune", "PruneResult", "Config", "config_from_dict", "DependencyGraph",
     # what to remove
-    "Structured", "MACs", "Params", "Latency", "Sparse", "Layers",
+    "Structured", "MACs", "Params", "Latency", "Sparse", "Layers", "Experts",
     # how to score it
     "Magnitude", "Taylor", "Activation", "BNScale", "Fluctuation", "Random",
     # schedules and recipes

@@ -94,8 +94,11 @@ def _kept(v, where, key):
         for d, idx in dims.items():
             if not (isinstance(d, str) and d.isdigit() and len(d) < 3):
                 raise _bad(where, f"{key}.{name}", "keyed by dimension numbers ('0', '1', ...)", d)
-            if not isinstance(idx, list) or not all(_index(i) for i in idx) or len(set(idx)) != len(idx):
-                raise _bad(where, f"{key}.{name}.{d}", "a list of distinct ints >= 0", idx)
+            rows = idx if isinstance(idx, list) and idx and all(isinstance(r, list) for r in idx) else [idx]
+            if d == "0" and len(rows) > 1 or not all(                 # per-slice rows: stacked experts
+                    isinstance(r, list) and all(_index(i) for i in r) and len(set(r)) == len(r) for r in rows):
+                raise _bad(where, f"{key}.{name}.{d}", "a list of distinct ints >= 0 (or one per slice of dim 0)",
+                           idx)
 
 
 def _attrs(v, where, key):
@@ -171,8 +174,9 @@ def check_plan_fits(model: nn.Module, plan: Dict[str, Any], where: str) -> None:
             continue                                     # may appear after convert_mha; apply_kept names it
         for d, idx in dims.items():
             d = int(d)
-            if d >= t.dim() or (idx and max(idx) >= t.shape[d]):
-                raise LoadError(f"{where}: plan keeps indices {max(idx) if idx else ''} of dim {d} of '{name}' "
+            flat = [i for r in idx for i in (r if isinstance(r, list) else [r])]
+            if d >= t.dim() or (flat and max(flat) >= t.shape[d]):
+                raise LoadError(f"{where}: plan keeps indices {max(flat) if flat else ''} of dim {d} of '{name}' "
                                 f"with shape {tuple(t.shape)}; pass the same architecture the pruned model was "
                                 f"made from")
     modules = dict(model.named_modules())

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from prunekit.models import moe
+
 # name patterns of the projections that reveal the sizes the config stores
 Q_NAMES = ("q_proj", "query", "q", "query_proj", "q_lin", "c_attn", "qkv_proj", "Wqkv", "query_key_value", "qkv")
 K_NAMES = ("k_proj", "key", "k", "key_proj", "k_lin")
@@ -185,7 +187,7 @@ def _ffn_sizes(model: nn.Module):
     scopes = module_scopes(model)
     out = []
     for name, mod in model.named_modules():
-        if any(name.endswith(f) for f in FFN_IN_NAMES):
+        if any(name.endswith(f) for f in FFN_IN_NAMES) and "shared_expert" not in name:   # own config field
             f = _out_features(mod)
             if f:
                 f = f // 2 if name.endswith("gate_up_proj") else f
@@ -198,8 +200,10 @@ def layer_sizes(model: nn.Module, base_config, scope: Optional[str] = None) -> D
     """Per-layer heads, kv heads and FFN widths read from the weights (of one config scope, or all)."""
     att = [a for a in _attention_sizes(model, base_config) if scope is None or a[1] == scope]
     ffn = [f for f in _ffn_sizes(model) if scope is None or f[0] == scope]
+    scopes = module_scopes(model) if scope is not None else {}
+    blocks = {b.name for b in moe.find_moe_blocks(model) if scope is None or scopes.get(b.name, "") == scope}
     return {"heads": [a[3] for a in att], "kv_heads": [a[4] for a in att if a[4] is not None],
-            "ffn": [f[1] for f in ffn], "ffn_ratio": [f[2] for f in ffn]}
+            "ffn": [f[1] for f in ffn], "ffn_ratio": [f[2] for f in ffn], **moe.moe_sizes(model, blocks)}
 
 
 def fix_attention_attrs(model: nn.Module, base_config) -> None:
@@ -269,6 +273,10 @@ def _rewrite_scope(cfg, base, sizes: Dict[str, List]) -> bool:
     hd = head_dim_of(base)
     if hd and _settable(cfg, "head_dim"):
         cfg.head_dim = hd           # explicit: families that read `config.head_dim` keep it when heads change
+    if sizes.get("experts") and not (_set(cfg, moe.EXPERT_FIELDS, sizes["experts"])
+                                     and _set(cfg, moe.TOP_K_FIELDS, sizes["top_k"])
+                                     and _set(cfg, moe.EXPERT_WIDTH_FIELDS, sizes["expert_ffn"])):
+        return False
     if any(f in cfg.to_dict() for f in FFN_FIELDS):
         return _set(cfg, FFN_FIELDS, sizes["ffn"])
     return _set(cfg, ("mlp_ratio",), sizes["ffn_ratio"])

@@ -34,6 +34,7 @@ from prunekit.batch import (
 from prunekit.calibrate.layerwise import chain_break, find_blocks, run_layerwise, run_whole
 from prunekit.config import Config, check_type, register_config, register_handler
 from prunekit.errors import ConfigError
+from prunekit.models.moe import find_moe_blocks
 from prunekit.objective import logits_of
 from prunekit.sparse.algorithms import (
     InputStats,
@@ -45,6 +46,7 @@ from prunekit.sparse.algorithms import (
     wanda_mask,
     wanda_scores,
 )
+from prunekit.sparse.experts import add_expert_counts, expert_targets, prune_expert_weights
 from prunekit.sparse.masks import (
     apply_mask,
     bake,
@@ -198,23 +200,23 @@ def select_targets(model: nn.Module, cfg: Sparse) -> List[str]:
     """Names of the linear/conv layers `cfg` prunes, in module order. Raises ConfigError if a `targets` regex
     matches no such layer or nothing is left to prune."""
     linear = [(n, m) for n, m in model.named_modules() if n and is_sparse_target(m)]
-    tied = set()
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    if emb is not None and isinstance(getattr(emb, "weight", None), torch.Tensor):
-        tied = {n for n, m in linear if m.weight is emb.weight}
+    # layers sharing their weight with an embedding table (tied LM heads) stay dense; found without
+    # get_input_embeddings, which multi-tower and vision models do not implement
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    tied = {n for n, m in linear if id(m.weight) in tables}
     if cfg.targets is None:
         chosen = [n for n, _ in linear if n not in tied and not any(re.search(rx, n) for rx in _DEFAULT_IGNORE)]
     else:
         chosen = []
+        stacked = [w.name for b in find_moe_blocks(model) for w in b.weights]     # 3-D expert weights
         for rx in cfg.targets:
-            if not any(re.search(rx, n) for n, _ in linear):
+            if not any(re.search(rx, n) for n, _ in linear) and not any(re.search(rx, n) for n in stacked):
                 sample = ", ".join(n for n, _ in linear[:4])
                 raise ConfigError(f"Sparse.targets: regex {rx!r} matches no linear or ungrouped conv layer of "
                                   f"{type(model).__name__} (they look like: {sample})")
         chosen = [n for n, _ in linear if any(re.search(rx, n) for rx in cfg.targets)]
     chosen = [n for n in chosen if not any(re.search(rx, n) for rx in cfg.ignore)]
-    if not chosen:
+    if not chosen and not expert_targets(model, cfg.targets, cfg.ignore):
         raise ConfigError(f"Sparse: no linear/conv layer of {type(model).__name__} is left to prune after targets="
                           f"{cfg.targets!r} and ignore={list(cfg.ignore)!r}")
     return chosen
@@ -389,9 +391,13 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
                 run_whole(model, batches, lambda *_: observe(rest), lambda *_: update(rest))
         else:
             run_whole(model, batches, lambda *_: observe(names), lambda *_: update(names))
+    # stacked (experts, out, in) weights are parameters, not modules: pruned per expert on its routed tokens
+    expert_blocks = expert_targets(model, cfg.targets, cfg.ignore)
+    experts = prune_expert_weights(model, expert_blocks, batches, cfg.method, cfg.sparsity, cfg.pattern,
+                                   cfg.targets, cfg.ignore) if expert_blocks else {}
     seconds = time.perf_counter() - t0
 
-    measured = sparsity_stats(model, names)
+    measured = add_expert_counts(sparsity_stats(model, names), model, experts)
     plan = {
         "format": "prunekit.sparse/1",     # masks are baked into the saved weights; shapes are unchanged
         "type": "Sparse",
@@ -404,6 +410,7 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
                    for n in names},
         "owl": alloc_info if cfg.allocation == "owl" else None,
         "allocation": alloc_info,
+        **({"experts": {n: {"method": cfg.method, "sparsity": f} for n, f in experts.items()}} if experts else {}),
     }
     stats = {"sparsity": measured["layers"], "sparsity_total": measured["total"], "zeros": measured["zeros"],
              "params_targeted": measured["params"], "seconds": seconds, "skipped": skipped,

@@ -26,9 +26,18 @@ def _owners(model: nn.Module, remove_duplicate=False):
     return out
 
 
-def _index(t: torch.Tensor, dims: Dict[int, List[int]]) -> torch.Tensor:
+def _index(t: torch.Tensor, dims: Dict[int, list]) -> torch.Tensor:
+    """Keep the listed indices per dim. A list of lists along dim d > 0 keeps, in each slice along dim 0 (after
+    dim 0's own selection), that slice's indices: stacked experts keep their own neurons, the same count each."""
     for d, keep in sorted(dims.items()):
-        t = t.index_select(int(d), torch.as_tensor(keep, dtype=torch.long, device=t.device))
+        if keep and isinstance(keep[0], (list, tuple)):
+            if int(d) == 0 or len(keep) != t.shape[0] or len({len(k) for k in keep}) != 1:
+                raise IndexError(f"per-slice kept indices for dim {d} need one equal-length list per slice "
+                                 f"along dim 0 ({t.shape[0]}), got {len(keep)}")
+            t = torch.stack([s.index_select(int(d) - 1, torch.as_tensor(k, dtype=torch.long, device=t.device))
+                             for s, k in zip(t.unbind(0), keep)])
+        else:
+            t = t.index_select(int(d), torch.as_tensor(keep, dtype=torch.long, device=t.device))
     return t
 
 
