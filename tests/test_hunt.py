@@ -124,3 +124,25 @@ def test_save_refuses_foreign_directory(tmp_path):
     with pytest.raises(pk.SaveError, match="not written by pk.save"):
         pk.save(pk.prune(small(), pk.Structured(ratio=0.5), example_inputs=X), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_plan_with_non_identifier_module_names_round_trips(tmp_path):
+    """torch allows '-' (torchvision RegNet's 'block1-0') and other characters in child names; the plan schema
+    must accept every name torch accepts, or a valid save does not load."""
+    import torch
+    import torch.nn as nn
+    import prunekit as pk
+    torch.manual_seed(0)
+    blocks = nn.Sequential()
+    blocks.add_module("block1-0", nn.Conv2d(3, 8, 3, padding=1))
+    blocks.add_module("act", nn.ReLU())
+    blocks.add_module("block1-1", nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    r = pk.prune(blocks, pk.Structured(ratio=0.5), example_inputs=x)
+    pk.save(r, tmp_path / "s")
+    fresh = nn.Sequential()
+    fresh.add_module("block1-0", nn.Conv2d(3, 8, 3, padding=1))
+    fresh.add_module("act", nn.ReLU())
+    fresh.add_module("block1-1", nn.Conv2d(8, 4, 3, padding=1))
+    loaded = pk.load(tmp_path / "s", model=fresh)
+    assert torch.equal(loaded(x), r.model(x))

@@ -23,7 +23,9 @@ from prunekit.errors import LoadError
 
 FORMATS = ("prunekit.structured/1", "prunekit.sparse/1", "prunekit.layers/1")
 _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_MODULE = re.compile(r"^([A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*)?$")
+# torch allows any character in a child module name except "." (torchvision RegNet: "block1-0");
+# control characters never occur in real names
+_MODULE = re.compile(r"^([^.\x00-\x1f]+(\.[^.\x00-\x1f]+)*)?$")
 
 
 # --------------------------------------------------------------------------------------------- files
