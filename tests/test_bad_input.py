@@ -297,3 +297,59 @@ def test_cli_unwritable_out_and_debug_traceback(tmp_path, capsys):
     assert rc == 2 and "--out" in err and "not a writable directory" in err and "Traceback" not in err
     rc, err = _cli(args + ["--debug"], capsys)
     assert rc == 2 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("prunekit: error: ")
+
+
+# --------------------------------------------------------------------------------------------- configs, completely
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: pk.Structured(importance=5), "importance"),
+    (lambda: pk.Structured(importance=None), "importance"),
+    (lambda: pk.Structured(importance=["l1"]), "importance"),
+    (lambda: pk.Structured(max_ratio_per_layer="0.5"), "max_ratio_per_layer"),
+    (lambda: pk.Structured(ratio=float("inf")), "ratio"),
+    (lambda: pk.Structured(round_to=2.0), "round_to"),
+    (lambda: pk.Structured(ignore=["("]), "ignore"),
+    (lambda: pk.Structured(ratio={"a[": 0.5}), "ratio"),
+    (lambda: pk.Sparse(sparsity=float("nan")), "sparsity"),
+    (lambda: pk.Recover(lr=float("inf")), "lr"),
+    (lambda: pk.Recover(epochs="2"), "epochs"),
+    (lambda: pk.Latency(speedup="2"), "speedup"),
+    (lambda: pk.Layers(n=1.5), "n"),
+])
+def test_config_fields_checked_at_construction(make, field):
+    with pytest.raises(pk.ConfigError, match=rf"\.{field}\b") as e:
+        make()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, field", [
+    ({"train_limit": -1}, "train_limit"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"stages": [{"evaluate": {"max_drop": float("nan")}}]}, "max_drop"),
+    ({"stages": [{"prune": {"type": "Structured", "max_ratio_per_layer": "0.5"}}]}, "max_ratio_per_layer"),
+])
+def test_recipe_values_checked(recipe, field):
+    from prunekit.run.pipeline import load_recipe
+    d = {"stages": [{"prune": {"type": "Structured", "ratio": 0.5}}], **recipe}
+    with pytest.raises(pk.ConfigError, match=field):
+        load_recipe(d)
+
+
+@pytest.mark.parametrize("kw, field", [({"ignore": ["conv"]}, "ignore"), ({"ratio": {"layer.*": 0.3}}, "ratio")])
+def test_patterns_matching_nothing_are_errors(kw, field):
+    with pytest.raises(pk.ConfigError, match=rf"Structured\.{field}: pattern .* matches no module.*closest"):
+        pk.prune(small(), pk.Structured(**kw), example_inputs=X)
+
+
+@pytest.mark.parametrize("x, needle", [
+    (torch.randn(1, 4, 8, 8), "module '0' (Conv2d)"),                 # channels
+    (torch.randn(8, 8), "module '0' (Conv2d)"),                       # rank
+    (torch.randn(1, 3, 8, 8).double(), "module '0' (Conv2d)"),        # dtype
+    (torch.randn(0, 3, 8, 8), "batch size 0"),
+    ({"x": torch.randn(1, 3, 8, 8)}, "forward"),                     # wrong keyword
+])
+def test_example_inputs_checked_on_dense_model(x, needle):
+    with pytest.raises(pk.ConfigError, match="example_inputs") as e:
+        pk.prune(small(), pk.Structured(ratio=0.5), example_inputs=x)
+    assert needle in str(e.value) and "\n" not in str(e.value)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from prunekit.errors import CalibrationDataError
+from prunekit.errors import CalibrationDataError, ConfigError
 
 
 def _bar(iterable, desc: str, quiet: bool):
@@ -184,3 +184,38 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, tuple):
         return tuple(to_device(v, device) for v in obj)
     return obj
+
+
+def check_example_inputs(model: nn.Module, example_inputs: Any, what: str = "example_inputs") -> None:
+    """Run the dense model once on `example_inputs` (no grad, eval mode); a failure becomes a ConfigError that
+    names `what` and the innermost module that rejected the inputs (wrong shape, rank, dtype, device, batch 0)."""
+    empty = []
+    _map_tensors(example_inputs, lambda t: empty.append(tuple(t.shape)) if t.dim() and t.shape[0] == 0 else None)
+    if empty:
+        raise ConfigError(f"{what} has batch size 0 (a tensor of shape {empty[0]}); pass at least one example")
+    stack: List[str] = []
+
+    def enter(name):
+        def hook(mod, args):
+            stack.append(name)
+        return hook
+
+    def leave(mod, args, out):
+        if stack:
+            stack.pop()
+
+    hooks = []
+    for name, m in model.named_modules():
+        hooks += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            call_model(model, example_inputs)
+    except Exception as e:           # noqa: BLE001 - any failure of the user's inputs is reported, with its cause
+        where = stack[-1] if stack else ""
+        mod = f"module '{where}' ({type(model.get_submodule(where)).__name__})" if where else "the model's forward"
+        cause = " ".join(str(e).split())[:300]
+        raise ConfigError(f"{what} do not fit the model: {mod} rejected them ({type(e).__name__}: {cause}); pass "
+                          f"inputs of the shape, dtype and device the model expects") from e
+    finally:
+        for h in hooks:
+            h.remove()

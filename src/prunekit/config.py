@@ -6,8 +6,10 @@ looks up the handler registered for `type(cfg)`. Configs round-trip through plai
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Callable, Dict, Type
 
@@ -17,9 +19,116 @@ _CONFIGS: Dict[str, Type["Config"]] = {}
 
 
 def register_config(cls):
-    """Class decorator: make a config dataclass known to `config_from_dict` under its class name."""
+    """Class decorator (above @dataclass): make a config dataclass known to `config_from_dict` under its class
+    name, and check every field against its type hint and range metadata at construction (`check_fields`),
+    before the class's own `__post_init__` runs."""
     _CONFIGS[cls.__name__] = cls
+    inherited = getattr(cls, "__post_init__", None)
+    original = getattr(inherited, "__checked_original__", inherited)
+    if original is not None:
+        def __post_init__(self):
+            check_fields(self)
+            original(self)
+        __post_init__.__checked_original__ = original
+        cls.__post_init__ = __post_init__
+    else:
+        init = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            check_fields(self)
+        cls.__init__ = __init__
     return cls
+
+
+# --------------------------------------------------------------------------------------------- field checks
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None, **kw):
+    """A dataclass field with a numeric range checked by `check_fields` (None values are not range-checked)."""
+    return dataclasses.field(default=default, metadata={"range": (ge, gt, le, lt)}, **kw)
+
+
+_HINTS: Dict[type, Dict[str, Any]] = {}
+
+
+def _hints(cls) -> Dict[str, Any]:
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except (NameError, TypeError):          # a hint this module cannot resolve: check nothing
+            _HINTS[cls] = {}
+    return _HINTS[cls]
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    if origin is dict:
+        return f"a mapping {{{_describe(args[0])}: {_describe(args[1])}}}" if args else "a mapping"
+    if origin is collections.abc.Callable or hint is typing.Callable:
+        return "a callable"
+    return {type(None): "None", bool: "true/false", int: "an int", float: "a finite number", str: "a string",
+            }.get(hint, f"a {getattr(hint, '__name__', str(hint))}")
+
+
+def _matches(v, hint) -> bool:
+    """Does `v` fit the type hint? Hints this does not understand accept anything."""
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_matches(v, a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence):
+        seq = isinstance(v, (list, tuple)) or (isinstance(v, str) and args == (str,))   # "x" = ["x"]
+        items = [v] if isinstance(v, str) else v
+        return seq and (not args or args[-1] is Ellipsis or all(_matches(x, args[0]) for x in items))
+    if origin is dict:
+        return isinstance(v, dict) and (not args or all(_matches(k, args[0]) and _matches(x, args[1])
+                                                        for k, x in v.items()))
+    if origin is collections.abc.Callable or hint is typing.Callable:
+        return callable(v)
+    if hint is type(None):
+        return v is None
+    if hint is bool:
+        return isinstance(v, bool)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(hint, type):
+        return isinstance(v, hint)
+    return True
+
+
+def _check_range(owner: str, name: str, v, rng) -> None:
+    ge, gt, le, lt = rng
+    bad = [f">= {ge}" for b in [ge] if b is not None and not v >= b] + \
+          [f"> {gt}" for b in [gt] if b is not None and not v > b] + \
+          [f"<= {le}" for b in [le] if b is not None and not v <= b] + \
+          [f"< {lt}" for b in [lt] if b is not None and not v < b]
+    if bad:
+        want = " and ".join(s for s in (f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
+                                        f"<= {le}" if le is not None else "", f"< {lt}" if lt is not None else "") if s)
+        raise ConfigError(f"{owner}.{name} must be {want}, got {v!r}")
+
+
+def check_fields(obj) -> None:
+    """Check every field of a config dataclass against its type hint (NaN/inf are not numbers, strings are not
+    numbers, bools are not ints) and its `bounded(...)` range; the ConfigError names the field."""
+    owner = type(obj).__name__
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        hint = hints.get(f.name)
+        if hint is not None and not _matches(v, hint):
+            raise ConfigError(f"{owner}.{f.name} must be {_describe(hint)}, got {v!r} ({type(v).__name__})")
+        rng = f.metadata.get("range")
+        if rng is not None and v is not None and not isinstance(v, bool) and isinstance(v, (int, float)):
+            _check_range(owner, f.name, v, rng)
 
 
 class Config:
@@ -66,7 +175,7 @@ def config_from_dict(d: dict) -> "Config":
         if k == "type":
             continue
         if k not in fields:
-            close = difflib.get_close_matches(k, list(fields), n=1)
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{k}' for {name}{hint} Valid keys: {sorted(fields)}")
         kwargs[k] = _from_plain(v, hints.get(k))

@@ -21,8 +21,12 @@ killed mid-write therefore leaves the previous checkpoint as the latest one, nev
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -125,6 +129,32 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def fingerprint(obj: Any) -> str:
+    """sha256 over every tensor (name, dtype, shape, bytes) and plain value in `obj` (a state_dict, batches, or
+    any nesting of dicts / lists / tuples / iterables of them): what a run was started on."""
+    h = hashlib.sha256()
+
+    def walk(x, key: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{key}:{t.dtype}:{tuple(x.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                walk(x[k], f"{key}.{k}")
+        elif isinstance(x, (list, tuple)) or (hasattr(x, "__iter__") and not isinstance(x, (str, bytes))
+                                               and iter(x) is not x):          # never consume a one-shot iterator
+            for i, v in enumerate(x):
+                walk(v, f"{key}[{i}]")
+        else:
+            h.update(f"{key}={x!r};".encode())
+    walk(obj, "")
+    return h.hexdigest()
+
+
+_WHAT = {"fingerprint.model": "the input model's weights", "fingerprint.data": "the data (train/val batches)"}
+
+
 def _config_diff(old: Any, new: Any, prefix: str = "") -> list:
     """[(dotted key, old value, new value)] for every leaf that differs between two JSON-like configs."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -171,11 +201,38 @@ class Run:
             self.write_config(config)
             return
         config = json.loads(json.dumps(config))                          # tuples -> lists, as stored
-        diff = _config_diff(old, config)
+        if "fingerprint" not in old:                                     # started before fingerprints existed
+            config.pop("fingerprint", None)
+        diff = sorted(_config_diff(old, config), key=lambda d: (not d[0].startswith("fingerprint"), d[0]))
         if diff:
-            details = ", ".join(f"{k}: stored {a!r} vs now {b!r}" for k, a, b in diff)
-            raise RunError(f"run directory {self.path} was started with a different config ({details}). "
-                           f"Resume with the same options, or use a new checkpoint_dir.")
+            k, a, b = diff[0]
+            what = _WHAT.get(k)
+            first = (f"{what} changed (sha256 {str(a)[:12]}... when started, {str(b)[:12]}... now)" if what else
+                     f"{k}: stored {a!r} vs now {b!r}")
+            more = f" (+{len(diff) - 1} more differences)" if len(diff) > 1 else ""
+            raise RunError(f"run directory {self.path} was started on something else: {first}{more}. Resume with "
+                           f"the same model, data and recipe, or use a new run directory.")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold an exclusive lock on `run.lock` (rank 0) while a process works in this run directory; a second
+        process fails at once with RunError. The kernel drops the lock when the process dies."""
+        if self.rank != 0:
+            yield
+            return
+        fd = os.open(self.path / "run.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise RunError(f"run directory {self.path} is in use by another prunekit process (pid {holder}); "
+                               f"wait for it to finish or stop it, then resume") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)                                                 # releases the flock
 
     # ---- logs and metrics
     def log(self, message: str) -> None:

@@ -46,11 +46,11 @@ import yaml
 
 from prunekit.api import PruneResult
 from prunekit.batch import split_batch
-from prunekit.config import Config, check_type, config_from_dict, register_config
+from prunekit.config import Config, bounded, check_type, config_from_dict, register_config
 from prunekit.errors import ConfigError, RecoveryDiverged, RunError
 from prunekit.io.format import load, save
 from prunekit.report.recorder import RunRecorder
-from prunekit.run.directory import Run, seed_everything
+from prunekit.run.directory import Run, fingerprint, seed_everything
 from prunekit.run.schedule import Executor, GateFailed, Step, expand
 from prunekit.sparse.masks import bake, masks, remask_from_zeros
 
@@ -65,11 +65,11 @@ ALLOCATIONS = ("ratio", "sensitivity")
 class Recipe(Config):
     """A pruning job: global options and `stages` (one-key mappings, see the module docstring)."""
     stages: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-    seed: int = 0
-    batch_size: int = 64
-    train_limit: Optional[int] = 4096
-    val_limit: Optional[int] = 2000
-    calibration_batches: int = 8
+    seed: int = bounded(0, ge=0)
+    batch_size: int = bounded(64, ge=1)
+    train_limit: Optional[int] = bounded(4096, ge=1)
+    val_limit: Optional[int] = bounded(2000, ge=1)
+    calibration_batches: int = bounded(8, ge=1)
     distill: bool = True
 
     def __post_init__(self):
@@ -186,13 +186,15 @@ def read_recipe_file(path: Union[str, Path]) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{where} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it "
                           f"as UTF-8") from None
-    loader = _RecipeLoader(text, where)
+    loader = None
     try:
+        loader = _RecipeLoader(text, where)
         return loader.get_single_data()
     except yaml.YAMLError as e:
         raise ConfigError(f"{where} is not valid YAML/JSON: " + " ".join(str(e).split())) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_recipe(path_or_dict: Union[str, Path, Dict[str, Any]]) -> Recipe:
@@ -274,7 +276,18 @@ def run_pipeline(model: nn.Module, recipe: Union[Recipe, str, Path, dict], *, tr
         example_inputs = x[:1] if isinstance(x, torch.Tensor) else x
     steps = recipe.steps()
     run = Run(out)
-    run.check_or_write_config({"recipe": recipe.to_dict(), "describe": describe or {}})
+    with run.locked():
+        run.check_or_write_config({"recipe": recipe.to_dict(), "describe": describe or {},
+                                   "fingerprint": {"model": fingerprint(model.state_dict()),
+                                                   "data": fingerprint({"train": train, "val": val})}})
+        return _execute(run, model, recipe, steps, train=train, val=val, example_inputs=example_inputs,
+                        resume=resume, quiet=quiet, loss_fn=loss_fn, describe=describe, stop_after=stop_after)
+
+
+def _execute(run: Run, model: nn.Module, recipe: Recipe, steps: List[Step], *, train, val, example_inputs,
+             resume: bool, quiet: bool, loss_fn, describe, stop_after) -> PipelineResult:
+    """The body of run_pipeline, run while holding the run directory's lock."""
+    out = run.path
     original = copy.deepcopy(model).eval()
     ex = Executor(original, example_inputs=example_inputs, train=train, val=val, loss_fn=loss_fn,
                   calibration_batches=recipe.calibration_batches, quiet=quiet, distill=recipe.distill,

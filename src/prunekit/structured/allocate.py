@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections import defaultdict
 from typing import Dict
@@ -13,7 +12,7 @@ from prunekit.errors import ConfigError
 from prunekit.graph.groups import DependencyGraph, Group
 from prunekit.models.hf import K_NAMES
 from prunekit.structured import criteria as S
-from prunekit.structured.config import MACs, Structured
+from prunekit.structured.config import MACs, Structured, matches_module
 
 # ------------------------------------------------------------------------------------------- scoring
 
@@ -43,8 +42,7 @@ def _group_ratio(g: Group, ratio) -> float:
         return float(ratio)
     found = []
     for pat, r in ratio.items():
-        rx = re.compile(pat)
-        if any(rx.fullmatch(m) or m.startswith(pat + ".") or m == pat for m in (g.producers or g.modules)):
+        if any(matches_module(pat, m) for m in (g.producers or g.modules)):
             found.append(float(r))
     return min(found) if found else 0.0
 

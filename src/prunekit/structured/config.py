@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from typing import Callable, Dict, Optional, Sequence, Union
 
 from prunekit.config import Config, register_config
@@ -107,6 +109,30 @@ class Structured(Config):
         if isinstance(self.ignore, str):
             self.ignore = [self.ignore]
         self.ignore = list(self.ignore)
+        for field, patterns in (("ratio", self.ratio if isinstance(self.ratio, dict) else {}), ("ignore", self.ignore)):
+            for pat in patterns:
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ConfigError(f"Structured.{field}: {pat!r} is not a valid regex ({e}); escape special "
+                                      f"characters (re.escape) or fix the pattern") from None
         if self.target is not None and not isinstance(self.target, (MACs, Params)) and not hasattr(self.target, "speedup"):
             raise ConfigError(f"Structured.target must be pk.MACs(...), pk.Params(...) or pk.Latency(...), "
                               f"got {self.target!r}")
+
+
+def matches_module(pattern: str, name: str) -> bool:
+    """How `ratio` / `ignore` patterns select modules: full regex match, the exact name, or a parent's name."""
+    return name == pattern or name.startswith(pattern + ".") or re.fullmatch(pattern, name) is not None
+
+
+def check_patterns_match(cfg: Structured, names) -> None:
+    """ConfigError for a `ratio` / `ignore` pattern that selects no module (it would silently do nothing),
+    naming the closest module names."""
+    names = [n for n in names if n]
+    for field, patterns in (("ratio", cfg.ratio if isinstance(cfg.ratio, dict) else {}), ("ignore", cfg.ignore)):
+        for pat in patterns:
+            if not any(matches_module(pat, n) for n in names):
+                close = difflib.get_close_matches(pat, names, n=3, cutoff=0.4) or names[:3]
+                raise ConfigError(f"Structured.{field}: pattern {pat!r} matches no module of this model, so it "
+                                  f"would do nothing; closest module names: {close}")

@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 
 from prunekit.api import PruneResult
+from prunekit.batch import check_example_inputs
 from prunekit.config import Config, register_handler
 from prunekit.errors import ConfigError
 from prunekit.graph.groups import DependencyGraph
 from prunekit.models import hf
 from prunekit.nn import MultiheadAttention, convert_mha
 from prunekit.structured.allocate import allocate, allocate_for_target, group_scores
-from prunekit.structured.config import Structured
+from prunekit.structured.config import Structured, check_patterns_match
 from prunekit.structured.cut import cut_valid
 from prunekit.structured.importance import Taylor
 from prunekit.structured.latency import allocate_for_latency
@@ -31,6 +32,9 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
     if example_inputs is None:
         raise ConfigError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
                           "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
+    if graph is None:
+        check_example_inputs(model, example_inputs)
+    check_patterns_match(cfg, [n for n, _ in model.named_modules()])
     t0 = time.perf_counter()
     info: Dict[str, Any] = {}
     original = model
