@@ -247,7 +247,10 @@ def markdown(rows, tot):
              "approx (a norm spans a pruned dim); error (a prunekit error with its message: handled); **bug** (a "
              "traceback); **WRONG** (silent wrong result); none (pruned nothing); partial (Wanda targets hold "
              "under 90% of the matmul weights); blank = not applicable. Details per cell in "
-             "`benchmarks/results/coverage.json`.", ""]
+             "`benchmarks/results/coverage.json`.", "",
+             f"Families in this run: {len(rows)} of the {len(FAMILIES)} in `benchmarks/coverage_models.py`"
+             + ("" if len(rows) == len(FAMILIES) else " (a partial run: the others were not run, not passed)") + ".",
+             ""]
     for scope, t in (("all families", tot["all"]), ("families outside prunekit's tests", tot["outside_tests"])):
         lines.append(f"- **{scope}**: {t['pruned_structurally']}/{t['models']} prune structurally, "
                      f"{t['pruned_and_reload_exact']}/{t['models']} also reload exactly; {t['bug_cells']} "
