@@ -126,11 +126,11 @@ def structured(st, model, x, kind):
     before, after = pk.count_params(model), pk.count_params(r.model)
     if after >= before:
         return "none", f"nothing pruned ({r.stats.get('auto_ignored') or 'no prunable group'})"
-    err = rel_err(observed(r.model, x, kind), observed(zeroed_dense(model, r.plan.get("kept", {})), x, kind))
+    err = rel_err(observed(r.model, x, kind), observed(zeroed_dense(model, r.plan.kept), x, kind))
     detail = f"{before / after:.2f}x fewer params, rel err vs zeroed dense {err:.1e}"
     if err <= 1e-4:
         return "ok", detail
-    return ("approx" if norm_over_pruned_dim(model, r.plan.get("kept", {})) else "wrong"), detail
+    return ("approx" if norm_over_pruned_dim(model, r.plan.kept) else "wrong"), detail
 
 
 def save_load(st, fresh, x, kind, tmp):
@@ -144,7 +144,7 @@ def save_load(st, fresh, x, kind, tmp):
 
 def from_pretrained(st, x, kind):
     r = st["result"]
-    if not r.plan.get("hf_config_exact"):
+    if not r.plan.hf_config_exact:
         return "n/a", "config cannot express the pruned shapes (pk.load reloads them)"
     again = type(r.model).from_pretrained(str(st["dir"])).eval()
     same = all(torch.equal(a, b) for a, b in zip(observed(again, x, kind), observed(r.model, x, kind)))

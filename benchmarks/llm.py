@@ -70,9 +70,9 @@ def run_prunekit(dense, cal, ev, kw, owl_lambda=None, override=None):
     secs = time.perf_counter() - t
     out = {"ppl": L.perplexity(res.model, ev), "seconds": secs, "sparsity": res.stats["sparsity_total"],
            "config": res.config.to_dict()}
-    if res.plan.get("allocation"):
-        out["block_sparsity"] = res.plan["allocation"]["sparsity"]
-        out["block_score"] = res.plan["allocation"]["score"]
+    if res.plan.allocation:
+        out["block_sparsity"] = res.plan.allocation["sparsity"]
+        out["block_score"] = res.plan.allocation["score"]
     return out
 
 

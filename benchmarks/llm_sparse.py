@@ -141,8 +141,8 @@ def main():
         secs = time.perf_counter() - t
         row = {"run": label, "config": res.config.to_dict(), "ppl": perplexity(res.model, ev), "seconds": secs,
                "sparsity": res.stats["sparsity_total"]}
-        if res.plan.get("owl"):
-            row["owl_block_sparsity"] = res.plan["owl"]["sparsity"]
+        if res.plan.owl:
+            row["owl_block_sparsity"] = res.plan.owl["sparsity"]
         rows.append(row)
         print(f"{label:22s} ppl {row['ppl']:8.2f}  sparsity {row['sparsity']:.4f}  {secs:6.1f}s", flush=True)
         del model, res

@@ -140,7 +140,7 @@ def main():
                "tp_ratio": tp_ratio, "tp_macs": tp_macs, "tp_speedup_min": tp_speed["min"],
                "tp_acc_pruned": tp_acc0, "tp_acc_finetune": accuracy(tp_ft, val), "tp_acc_distill": accuracy(tp_kd, val),
                "tp_acc_distill_labels": accuracy(tp_mixed, val),
-               "kept_per_group": [g["kept"] for g in res.plan["groups"]]}
+               "kept_per_group": [g["kept"] for g in res.plan.groups]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = {"rows": rows, "settings": vars(a), "env": pk.environment_info(), "seconds": time.time() - t_start}

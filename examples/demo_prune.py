@@ -68,13 +68,13 @@ def pick_candidate(rows: List[Dict[str, Any]], goal: float) -> Dict[str, Any]:
     return best
 
 
-def widths(plan: Dict[str, Any]) -> List[Dict[str, Any]]:
+def widths(plan: "pk.Plan") -> List[Dict[str, Any]]:
     """Per-layer kept widths from the plan, for the report: attention heads and FFN neurons of each encoder layer.
 
     A group whose units span several weight rows (unit_size = head_dim) is a group of attention heads; the
     others are FFN neurons. The report plots kept / original per layer, coloured by this kind."""
     out = []
-    for g in plan["groups"]:
+    for g in plan.groups:
         m = re.search(r"encoder\.layer\.(\d+)\.(attention|intermediate)", g["modules"][0])
         kind = "heads" if g["unit_size"] > 1 else "FFN neurons"
         name = f"layer {m.group(1)} {kind.split()[0]}" if m else ",".join(g["modules"][:2])

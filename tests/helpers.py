@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn as nn
 
 import prunekit as pk
 from prunekit.structured.cut import cut_valid, run_model
@@ -99,3 +100,15 @@ def check_save_load(result, fresh, x, tmp_path):
     assert sd1.keys() == sd2.keys()
     for k in sd1:
         assert torch.equal(sd1[k], sd2[k]), k
+
+
+class TwoLinear(nn.Module):
+    """Linear(6, 8) -> ReLU -> Linear(8, 3): the smallest model with one prunable group."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))

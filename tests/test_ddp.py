@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import prunekit
+from prunekit.batch import take
 from prunekit.recover import distributed as D
 
 torch.set_num_threads(1)
@@ -26,7 +27,7 @@ def test_shard_bounds_cover_the_batch_exactly_once():
     with pytest.raises(ValueError, match="at least 4"):
         D.shard_bounds(3, 0, 4)
     batch = ({"ids": torch.arange(6), "n": 3}, [1, 2, 3, 4, 5, 6])
-    part = D.take(batch, 2, 4)
+    part = take(batch, 2, 4)
     assert torch.equal(part[0]["ids"], torch.tensor([2, 3])) and part[1] == [3, 4] and part[0]["n"] == 3
 
 

@@ -269,7 +269,7 @@ def test_split_size_attribute_rewritten(cls, tmp_path):
     r = check_prunes(m, x)
     if cls is SplitByAttribute:
         assert r.model.width < 6 and r.model.conv1.out_channels == 3 * r.model.width
-        assert ["", "width", r.model.width] in r.plan["attrs"]
+        assert ["", "width", r.model.width] in r.plan.attrs
     else:
         assert r.model.expand_chs < 16 and r.model.exp.out_channels == r.model.expand_chs
         assert r.model.block.in_channels == r.model.expand_chs // 2
@@ -307,7 +307,7 @@ def test_timm_split_models_prune(name, tmp_path, recwarn):
     r = check_prunes(m, x)
     assert not [w for w in recwarn if "breaks their forward" in str(w.message)], "a module class was auto-ignored"
     attr = "width" if name == "res2net" else "expand_chs"
-    changed = [a for a in r.plan["attrs"] if a[1] == attr]
+    changed = [a for a in r.plan.attrs if a[1] == attr]
     assert changed and all(getattr(r.model.get_submodule(mod), attr) == v for mod, _, v in changed)
     check_save_load(r, _timm_tiny(name), x, tmp_path)
 

@@ -335,7 +335,7 @@ def test_callable_importance_picks_units():
         return torch.arange(group.n_units, dtype=torch.float64)
 
     r = pk.prune(m, pk.Structured(ratio=0.5, importance=keep_last), example_inputs=x)
-    assert r.plan["kept"]["c.weight"]["0"] == [4, 5, 6, 7]
+    assert r.plan.kept["c.weight"]["0"] == [4, 5, 6, 7]
 
 
 def test_inplace_flag():
@@ -373,7 +373,7 @@ def test_multihead_attention_heads_pruned_and_reloaded(tmp_path):
     r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
     att = r.model.mha
     assert isinstance(att, MultiheadAttention) and att.num_heads == 1 and att.q_proj.out_features == 8
-    assert r.plan["convert_mha"] == ["mha"] and isinstance(m.mha, nn.MultiheadAttention)   # original untouched
+    assert r.plan.convert_mha == ["mha"] and isinstance(m.mha, nn.MultiheadAttention)   # original untouched
     pk.save(r, tmp_path)
     again = pk.load(tmp_path, model=WithMHA().eval())
     assert torch.equal(again(x), r.model(x))

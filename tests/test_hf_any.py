@@ -99,7 +99,7 @@ def test_prune_save_reload(name, tmp_path):
         assert_same(pk.load(tmp_path)(**x), y)
         fresh, _ = build(name)
         assert_same(pk.load(tmp_path, model=fresh)(**x), y)
-        if r.plan["hf_config_exact"]:
+        if r.plan.hf_config_exact:
             again = type(m).from_pretrained(str(tmp_path)).eval()
             assert_same(again(**x), y)
     if name in DECODERS:
@@ -117,7 +117,7 @@ def test_clip_rewrites_both_sub_configs(tmp_path):
     cfg = r.model.config
     assert cfg.text_config.intermediate_size == 32 and cfg.vision_config.intermediate_size == 32
     assert r.model.text_model.config is cfg.text_config          # modules see the rewritten sub-configs
-    assert r.plan["hf_config_exact"]
+    assert r.plan.hf_config_exact
     pk.save(r, tmp_path)
     again = T.CLIPModel.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():

@@ -4,7 +4,9 @@ import torch
 import torch.nn as nn
 
 import prunekit as pk
+from prunekit.structured import criteria as C
 from prunekit.structured import importance as I
+from prunekit.structured import statistics as ST
 from prunekit.structured import sensitivity as S
 from prunekit.structured.config import Structured
 
@@ -39,11 +41,11 @@ def _group(model, x):
 
 def test_aggregate_sum_mean_max():
     a, b = torch.tensor([1.0, 4.0]), torch.tensor([3.0, 2.0])
-    assert I.aggregate([a, b], "sum").tolist() == [4.0, 6.0]
-    assert I.aggregate([a, b], "mean").tolist() == [2.0, 3.0]
-    assert I.aggregate([a, b], "max").tolist() == [3.0, 4.0]
+    assert C.aggregate([a, b], "sum").tolist() == [4.0, 6.0]
+    assert C.aggregate([a, b], "mean").tolist() == [2.0, 3.0]
+    assert C.aggregate([a, b], "max").tolist() == [3.0, 4.0]
     with pytest.raises(ValueError, match="agg"):
-        I.aggregate([a], "median")
+        C.aggregate([a], "median")
 
 
 def test_magnitude_combines_producer_and_consumer_slices():
@@ -80,9 +82,9 @@ def test_bn_scale_is_abs_gamma_and_falls_back_without_bn():
 
 def test_apoz_and_activation_stats_hand_case():
     out = torch.tensor([[[1.0, -2.0]], [[0.0, 3.0]]]).reshape(2, 2)     # (B=2, C=2), channels in dim 1
-    s_abs, s_zero, n = I.activation_stats(out, 1)
+    s_abs, s_zero, n = ST.activation_stats(out, 1)
     assert s_abs.tolist() == [1.0, 5.0] and s_zero.tolist() == [1.0, 1.0] and n == 2
-    assert I.apoz_to_importance(torch.tensor([0.25, 1.0])).tolist() == [0.75, 0.0]
+    assert C.apoz_to_importance(torch.tensor([0.25, 1.0])).tolist() == [0.75, 0.0]
 
 
 def test_activation_importance_ranks_dead_channel_last():
@@ -97,7 +99,7 @@ def test_activation_importance_ranks_dead_channel_last():
         imp.prepare(m, graph)
         s = imp(g, {**graph.params})
         assert int(torch.argmin(s)) == 1 if kind == "apoz" else s.shape == (4,)
-    apoz = I.collect_activations(m, [x], ["bn"])["bn"]["apoz"]
+    apoz = ST.collect_activations(m, [x], ["bn"])["bn"]["apoz"]
     assert apoz[1] == 1.0 and apoz[0] == 0.0
 
 
@@ -108,7 +110,7 @@ def test_taylor_matches_hand_gradient():
         m.a.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]]))
         m.b.weight.copy_(torch.tensor([[1.0, 3.0, 2.0]]))
     x = torch.tensor([[1.0, 1.0]])
-    vals = I.accumulate_taylor(m, [x], [("a.weight", 0), ("b.weight", 1)], loss_fn=lambda out, t: out.sum())
+    vals = ST.accumulate_taylor(m, [x], [("a.weight", 0), ("b.weight", 1)], loss_fn=lambda out, t: out.sum())
     # producer: |a_i . x * b_i| = [1, 6, 0]; consumer slice b_i: |b_i * (a_i . x)| = [1, 6, 0]
     assert vals[("a.weight", 0)].tolist() == pytest.approx([1.0, 6.0, 0.0])
     assert vals[("b.weight", 1)].tolist() == pytest.approx([1.0, 6.0, 0.0])
@@ -124,7 +126,7 @@ def test_taylor_through_structured_prune_keeps_best_channel():
     graph = pk.DependencyGraph(m, x)
     imp = I.prepare(I.Taylor(), m, graph, data=[x], loss_fn=lambda out, t: out.sum())
     res = pk.prune(m, Structured(ratio=0.67, importance=imp), example_inputs=x, graph=graph)
-    assert res.plan["kept"]["a.weight"]["0"] == [1]                  # the channel with Taylor score 6
+    assert res.plan.kept["a.weight"]["0"] == [1]                  # the channel with Taylor score 6
 
 
 def test_taylor_without_prepare_or_data_says_what_to_do():

@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "prunekit"
 # lowest first; a module may import modules of its own or a lower layer. Longest prefix wins.
 LAYERS = [
     ["prunekit.version", "prunekit.errors"],
-    ["prunekit.config", "prunekit.batch", "prunekit.io.atomic", "prunekit.nn", "prunekit.data"],
+    ["prunekit.config", "prunekit.plan", "prunekit.batch", "prunekit.io.atomic", "prunekit.nn", "prunekit.data"],
     ["prunekit.api", "prunekit.objective", "prunekit.graph", "prunekit.graph.labels", "prunekit.graph.ops",
      "prunekit.graph.rules", "prunekit.graph.tracer", "prunekit.graph.groups"],
     ["prunekit.models", "prunekit.calibrate", "prunekit.measure"],

@@ -28,7 +28,7 @@ def test_llm_default_importance_is_data_aware_with_data():
     mag = pk.prune(tiny_llama(), pk.Structured(ratio={".*mlp.*": 0.25}, importance="l2"),
                    example_inputs={"input_ids": ids[:1]})
     assert r.model.model.layers[0].mlp.up_proj.out_features == mag.model.model.layers[0].mlp.up_proj.out_features == 48
-    assert r.plan["kept"] != mag.plan["kept"]                     # a different score picks different neurons
+    assert r.plan.kept != mag.plan.kept                     # a different score picks different neurons
 
 
 def test_llm_default_without_data_warns_plainly():

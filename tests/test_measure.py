@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from prunekit.measure.counts import count_params
 from prunekit.measure.env import environment_info
-from prunekit.measure.latency import make_batch, measure_latency
+from prunekit.batch import repeat_to_batch
+from prunekit.measure.latency import measure_latency
 from prunekit.measure.lm import decode_tokens_per_s, prefill_latency
 from prunekit.measure.memory import peak_memory
 from prunekit.measure.size import model_stats, size_on_disk
@@ -25,12 +26,12 @@ def test_environment_info_names_machine_and_versions():
     json.dumps(env)
 
 
-def test_make_batch_repeats_rows_for_every_structure():
+def test_repeat_to_batch_repeats_rows_for_every_structure():
     x = torch.arange(6.0).view(3, 2)
-    assert make_batch(x, 7).shape == (7, 2) and torch.equal(make_batch(x, 7)[3], x[0])
-    d = make_batch({"input_ids": torch.ones(1, 5, dtype=torch.long)}, 4)
+    assert repeat_to_batch(x, 7).shape == (7, 2) and torch.equal(repeat_to_batch(x, 7)[3], x[0])
+    d = repeat_to_batch({"input_ids": torch.ones(1, 5, dtype=torch.long)}, 4)
     assert d["input_ids"].shape == (4, 5)
-    assert make_batch((x, x), 1)[1].shape == (1, 2)
+    assert repeat_to_batch((x, x), 1)[1].shape == (1, 2)
 
 
 def test_latency_interleaved_ranks_models_and_restores_threads():
@@ -62,7 +63,7 @@ def test_peak_memory_counts_live_tensor_bytes():
     assert py["python_peak_bytes"] >= 5_000_000 and py["torch_peak_bytes"] < 1e6
 
 
-def test_param_count_and_size_on_disk_dense_tied_and_int8():
+def test_count_params_and_size_on_disk_dense_tied_and_int8():
     m = nn.Linear(100, 50)
     assert count_params(m) == 5050
     assert 5050 * 4 <= size_on_disk(m) < 5050 * 4 + 1000
@@ -119,3 +120,22 @@ def test_prefill_computes_only_the_last_logits_like_generate():
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
     assert prefill_latency(m, ids, reps=2, warmup=1)["logits_to_keep"] == 1
     assert prefill_kwargs(torch.nn.Linear(2, 2)) == {"use_cache": True}
+
+
+def test_count_params_counts_masked_values_of_parametrized_layers():
+    from torch.nn.utils import parametrize
+
+    class Mask(nn.Module):
+        def __init__(self, mask):
+            super().__init__()
+            self.register_buffer("mask", mask)
+
+        def forward(self, w):
+            return w * self.mask
+
+    m = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 4))
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    mask[:, :3] = True
+    parametrize.register_parametrization(m[0], "weight", Mask(mask))
+    assert count_params(m) == 100 + 10 + 40 + 4                      # the original is not counted twice
+    assert count_params(m, nonzero=True) == 30 + int(torch.count_nonzero(m[0].bias)) + count_params(m[1], nonzero=True)

@@ -80,12 +80,12 @@ def test_remove_experts_and_width(name, tmp_path):
         score = torch.tensor(expected[b_old.name])
         assert torch.allclose(torch.tensor(r.stats["expert_scores"][b_old.name], dtype=torch.float64),
                               score.double(), atol=1e-5)
-        kept = r.plan["kept"][b_old.router_name + ".weight"]["0"]
+        kept = r.plan.kept[b_old.router_name + ".weight"]["0"]
         assert min(score[kept]) >= max(score[[i for i in range(4) if i not in kept]])   # the lowest went
         assert torch.equal(b_new.router.weight, b_old.router.weight[kept])              # router rows follow
     ids = batches[0]
     y = logits(p, ids)
-    assert r.plan["hf_config_exact"]
+    assert r.plan.hf_config_exact
     pk.save(r, tmp_path)
     assert torch.equal(logits(pk.load(tmp_path), ids), y)
     assert torch.equal(logits(pk.load(tmp_path, model=build(name)), ids), y)
@@ -104,7 +104,7 @@ def test_width_equals_zeroed_neurons(impl):
     with torch.no_grad():
         for b in find_moe_blocks(z):
             gu, down = b.experts.gate_up_proj, b.experts.down_proj
-            per = r.plan["kept"][f"{b.experts_name}.down_proj"]["2"]
+            per = r.plan.kept[f"{b.experts_name}.down_proj"]["2"]
             for e, keep in enumerate(per):
                 gone = [j for j in range(b.width) if j not in keep]
                 down[e][:, gone] = 0
@@ -116,8 +116,8 @@ def test_width_equals_zeroed_neurons(impl):
 def test_eager_and_grouped_agree():
     ra = pk.prune(build("qwen2_moe", "eager"), pk.Experts(ratio=0.25, width=0.25), data=data())
     rb = pk.prune(build("qwen2_moe", "grouped_mm"), pk.Experts(ratio=0.25, width=0.25), data=data())
-    assert ra.plan["kept"].keys() == rb.plan["kept"].keys()
-    assert ra.plan["kept"]["model.layers.0.mlp.gate.weight"] == rb.plan["kept"]["model.layers.0.mlp.gate.weight"]
+    assert ra.plan.kept.keys() == rb.plan.kept.keys()
+    assert ra.plan.kept["model.layers.0.mlp.gate.weight"] == rb.plan.kept["model.layers.0.mlp.gate.weight"]
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 
 import prunekit as pk
+from prunekit.plan import compose_plans
+from prunekit.run import executor as EX
 from prunekit.run import schedule as SC
 from prunekit.sparse import Sparse
 from prunekit.structured.config import MACs, Structured
@@ -39,7 +41,7 @@ def test_geometric_steps_compose_to_the_final_ratio():
     assert cfg.target.ratio == pytest.approx(0.5)
     assert SC.step_config(Structured(ratio={"a": 0.75}), 2, 2).ratio == {"a": pytest.approx(0.5)}
     assert SC.step_config(Sparse(sparsity=0.75), 2, 1).sparsity == pytest.approx(0.5)
-    from prunekit.structured.latency import Latency
+    from prunekit.structured.config import Latency
     assert SC.step_config(Structured(target=Latency(speedup=4.0)), 2, 1).target.speedup == pytest.approx(2.0)
 
 
@@ -47,17 +49,17 @@ def test_composed_plan_replays_two_prunings_on_the_original():
     m, x = mlp(), torch.randn(2, 4)
     r1 = pk.prune(m, Structured(ratio=0.5), example_inputs=x)
     r2 = pk.prune(r1.model, Structured(ratio=0.5), example_inputs=x)
-    plan = SC.compose_plans(SC.compose_plans(None, r1.plan), r2.plan)
-    rebuilt = SC.rebuild(m, plan, [])                       # fresh original + plan, original weights sliced
+    plan = compose_plans(compose_plans(None, r1.plan), r2.plan)
+    rebuilt = EX.rebuild(m, plan, [])                       # fresh original + plan, original weights sliced
     assert torch.equal(rebuilt(x), r2.model(x))
 
 
 def test_iterative_reaches_ratio_and_gradual_masks_only_grow():
     m = mlp()
-    out = SC.run_schedule(m, SC.Iterative(prune=Structured(ratio=0.75), steps=2), example_inputs=torch.randn(1, 4))
+    out = EX.run_schedule(m, SC.Iterative(prune=Structured(ratio=0.75), steps=2), example_inputs=torch.randn(1, 4))
     assert out.status == "completed"
     assert out.model[0].out_features == 4                   # 16 -> 8 -> 4
-    g = SC.run_schedule(m, SC.Gradual(sparsity=0.8, steps=3), example_inputs=torch.randn(1, 4), train=data())
+    g = EX.run_schedule(m, SC.Gradual(sparsity=0.8, steps=3), example_inputs=torch.randn(1, 4), train=data())
     sparsities = [h["sparsity"] for h in g.history if h["kind"] == "prune"]
     assert sparsities == sorted(sparsities) and sparsities[-1] == pytest.approx(0.8, abs=0.02)
     masks = pk.sparse.masks(g.model)
@@ -67,14 +69,14 @@ def test_iterative_reaches_ratio_and_gradual_masks_only_grow():
 def test_gate_failure_keeps_last_good_model():
     m = mlp()
     val = [(x, m(x).argmax(1)) for x, _ in data(64, seed=1)]        # dense accuracy is exactly 1.0
-    stages = [Structured(ratio=0.5), SC.Evaluate(max_drop=1.0), Structured(ratio=0.875), SC.Evaluate(max_drop=0.0)]
-    out = SC.run_schedule(m, stages, example_inputs=torch.randn(1, 4), val=val)
+    stages = [Structured(ratio=0.5), SC.EvalStage(max_drop=1.0), Structured(ratio=0.875), SC.EvalStage(max_drop=0.0)]
+    out = EX.run_schedule(m, stages, example_inputs=torch.randn(1, 4), val=val)
     assert out.status == "gate_failed" and "max_drop 0.0" in out.message
     assert out.model[0].out_features == 8                            # the model that passed the first gate
     assert [h.get("gate") for h in out.history if h["kind"] == "evaluate"] == ["passed", "failed"]
-    rebuilt = SC.rebuild(m, out.plan, [])                            # its plan still rebuilds its shapes
+    rebuilt = EX.rebuild(m, out.plan, [])                            # its plan still rebuilds its shapes
     assert rebuilt[0].out_features == 8
-    ok = SC.run_schedule(m, SC.Iterative(prune=Structured(ratio=0.5), steps=2, max_drop=1.0),
+    ok = EX.run_schedule(m, SC.Iterative(prune=Structured(ratio=0.5), steps=2, max_drop=1.0),
                          example_inputs=torch.randn(1, 4), val=val)
     assert ok.status == "completed" and [h["gate"] for h in ok.history if h["kind"] == "evaluate"] == ["passed"] * 2
 
@@ -82,7 +84,7 @@ def test_gate_failure_keeps_last_good_model():
 def test_gate_failure_on_first_step_returns_dense_copy():
     m = mlp()                                   # perfect on its own labels -> cutting 15 of 16 units drops
     val = [(x, m(x).argmax(1)) for x, _ in data(64, seed=2)]
-    out = SC.run_schedule(m, SC.Iterative(prune=Structured(ratio=0.9375, importance="random"), steps=1,
+    out = EX.run_schedule(m, SC.Iterative(prune=Structured(ratio=0.9375, importance="random"), steps=1,
                                           max_drop=0.0), example_inputs=torch.randn(1, 4), val=val)
     assert out.status == "gate_failed" and out.plan is None
     x = torch.randn(5, 4)

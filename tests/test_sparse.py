@@ -240,8 +240,8 @@ def test_prune_2_4_on_llama_has_exact_structure(method):
         assert torch.all((W != 0).reshape(W.shape[0], -1, 4).sum(-1) <= 2)
         assert torch.all(masks(res.model)[name].reshape(W.shape[0], -1, 4).sum(-1) == 2)
     assert res.stats["sparsity_total"] >= 0.5
-    json.dumps(res.plan)
-    assert res.plan["layers"]["model.layers.0.mlp.down_proj"] == {
+    json.dumps(res.plan.to_dict())
+    assert res.plan.layers["model.layers.0.mlp.down_proj"] == {
         "method": method, "sparsity": 0.5, "pattern": "2:4", "shape": [32, 64], "layout": "out,in"}
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # inplace=False: untouched
     assert not masks(model) and res.model is not model
@@ -258,7 +258,7 @@ def test_gpt2_conv1d_layers_are_pruned_along_their_input_dim():
     res = pk.prune(tiny_gpt2(), Sparse(sparsity=0.5, method="sparsegpt", pattern="2:4"), data=calib())
     c_fc = res.model.transformer.h[0].mlp.c_fc                 # Conv1D weight is (in=32, out=128)
     nz = (c_fc.weight != 0).T.reshape(128, 8, 4).sum(-1)
-    assert torch.all(nz <= 2) and res.plan["layers"]["transformer.h.0.mlp.c_fc"]["shape"] == [128, 32]
+    assert torch.all(nz <= 2) and res.plan.layers["transformer.h.0.mlp.c_fc"]["shape"] == [128, 32]
     assert "lm_head" not in res.stats["sparsity"] and not any("wte" in n for n in res.stats["sparsity"])
 
 
@@ -360,15 +360,15 @@ def test_owl_gives_outlier_heavy_block_lower_sparsity_with_target_mean():
             if isinstance(mod, nn.Linear):
                 mod.weight[:, :2] *= 10.0
     res = pk.prune(model, Sparse(sparsity=0.5, method="wanda", owl=True, owl_lambda=0.1), data=data)
-    owl = res.plan["owl"]
+    owl = res.plan.owl
     assert owl["groups"] == [0, 1, 2, 3]
     assert sum(owl["sparsity"]) / 4 == pytest.approx(0.5)
     assert owl["sparsity"][2] == min(owl["sparsity"]) < 0.5                     # block 2 is kept densest
     assert max(owl["sparsity"]) - min(owl["sparsity"]) == pytest.approx(0.2)    # spread 2 * owl_lambda
     assert owl["outlier_ratio"][2] == max(owl["outlier_ratio"])
-    assert res.plan["layers"]["model.layers.2.mlp.up_proj"]["sparsity"] == owl["sparsity"][2]
+    assert res.plan.layers["model.layers.2.mlp.up_proj"]["sparsity"] == owl["sparsity"][2]
     assert res.stats["sparsity"]["model.layers.2.mlp.up_proj"] < res.stats["sparsity"]["model.layers.0.mlp.up_proj"]
-    json.dumps(res.plan)
+    json.dumps(res.plan.to_dict())
 
 
 def test_bert_pooler_outside_blocks_is_pruned_too():
@@ -472,7 +472,7 @@ def test_sparse_prunes_convolutions_exactly(method, pattern):
     res = pk.prune(model, Sparse(sparsity=0.5, method=method, pattern=pattern, ignore=["^c1$"] if nm else ()),
                    data=data)
     m = res.model
-    assert sorted(res.plan["layers"]) == ["c1", "c2", "fc", "skip"][nm:]       # depthwise conv is not a target
+    assert sorted(res.plan.layers) == ["c1", "c2", "fc", "skip"][nm:]       # depthwise conv is not a target
     for name in ("c1", "c2", "skip")[nm:]:
         W = getattr(m, name).weight                                        # masked view, original 4-D layout
         assert W.shape == getattr(model, name).weight.shape
@@ -554,8 +554,8 @@ def test_sensitivity_allocation_spares_the_layer_whose_pruning_hurts_most():
         model[2].weight.copy_(torch.randn(8, 32) * 0.01 + model[2].weight.sign() * 0.2)   # flat magnitudes
     data = [torch.randn(16, 16) for _ in range(3)]
     res = pk.prune(model, Sparse(sparsity=0.5, method="wanda", allocation="sensitivity", owl_lambda=0.1), data=data)
-    info = res.plan["allocation"]
-    assert info["method"] == "sensitivity" and info["groups"] == ["0", "2"] and res.plan["owl"] is None
+    info = res.plan.allocation
+    assert info["method"] == "sensitivity" and info["groups"] == ["0", "2"] and res.plan.owl is None
     score = dict(zip(info["groups"], info["score"]))
     sp = dict(zip(info["groups"], info["sparsity"]))
     assert all(v > 0 for v in score.values())
@@ -570,7 +570,7 @@ def test_sensitivity_allocation_on_a_language_model_uses_its_loss_per_block():
     data = calib(n=3)
     res = pk.prune(model, Sparse(sparsity=0.5, method="sparsegpt", allocation="sensitivity", sensitivity_batches=2),
                    data=data)
-    info = res.plan["allocation"]
+    info = res.plan.allocation
     assert info["groups"] == [0, 1, 2] and info["probe_batches"] == 2
     with torch.no_grad():
         dense = sum(float(model(input_ids=x, labels=x).loss) for x in data[:2]) / 2

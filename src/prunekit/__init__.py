@@ -42,9 +42,11 @@ from prunekit.measure import (
     prefill_latency,
     size_on_disk,
 )
+from prunekit.plan import Plan
 from prunekit.recover import Recover, RecoverResult, recover, resume
 from prunekit.run.pipeline import Recipe, load_recipe, run_pipeline
-from prunekit.run.schedule import Evaluate, Gradual, Iterative, OneShot, run_schedule
+from prunekit.run.executor import run_schedule
+from prunekit.run.schedule import EvalStage, Gradual, Iterative, OneShot
 from prunekit.sparse import Sparse
 from prunekit.structured import (
     Activation,
@@ -73,13 +75,13 @@ _LAZY = {
 
 __all__ = [
     # the verb and its result
-    "prune", "PruneResult", "Config", "config_from_dict", "DependencyGraph",
+    "prune", "PruneResult", "Plan", "Config", "config_from_dict", "DependencyGraph",
     # what to remove
     "Structured", "MACs", "Params", "Latency", "Sparse", "Layers", "Experts",
     # how to score it
     "Magnitude", "Taylor", "Activation", "BNScale", "Fluctuation", "Random",
     # schedules and recipes
-    "Iterative", "Gradual", "OneShot", "Evaluate", "run_schedule", "Recipe", "load_recipe", "run_pipeline",
+    "Iterative", "Gradual", "OneShot", "EvalStage", "run_schedule", "Recipe", "load_recipe", "run_pipeline",
     # recovery
     "recover", "Recover", "RecoverResult", "resume",
     # evaluation and measurement

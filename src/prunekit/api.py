@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
 from prunekit.config import Config, get_handler
-from prunekit.errors import InputTypeError
+from prunekit.errors import ConfigError, InputTypeError
+from prunekit.plan import Plan
 
 
 @dataclasses.dataclass
@@ -15,12 +18,12 @@ class PruneResult:
     """What every pruning handler returns.
 
     model:  the pruned model (a new object unless `inplace=True` was asked).
-    plan:   JSON-serializable description that `pk.load` replays on a fresh copy of the original architecture.
+    plan:   a `Plan` (prunekit.plan): what was cut, which `pk.load` replays on a fresh copy of the original.
     config: the config that produced it.
     stats:  numbers measured on the way (params/MACs before and after, per-group kept widths, ...).
     """
     model: nn.Module
-    plan: Dict[str, Any]
+    plan: Plan
     config: Optional[Config] = None
     stats: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -54,4 +57,21 @@ def prune(model: nn.Module, config: Config, **context) -> PruneResult:
     if not isinstance(config, Config):
         raise InputTypeError(f"prune(model, config): config must be a prunekit config object such as "
                              f"pk.Structured(ratio=0.5), got {type(config).__name__}")
-    return get_handler(config)(model, config, **context)
+    handler = get_handler(config)
+    check_context(handler, config, context)
+    return handler(model, config, **context)
+
+
+def check_context(handler, config: Config, context: Dict[str, Any]) -> None:
+    """Every context keyword must be a keyword-only parameter of the config's handler; a misspelling is a
+    ConfigError naming the closest valid keyword (handlers that declare **kwargs accept anything)."""
+    params = inspect.signature(handler).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    for key in context:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"pk.prune(model, {type(config).__name__}(...), {key}=...): unknown keyword "
+                              f"'{key}'; {hint}valid keywords: {valid}")

@@ -1,21 +1,57 @@
-"""TODO"""
+"""How prunekit feeds a model: every batch form, device moves, eval mode, progress bars, process rank.
+
+One place for what calibration, recovery, evaluation, latency and importance scoring all do to a batch:
+
+    split_batch(b)         (inputs, targets) of a training/eval batch; targets None when the batch is inputs only
+    call_model(m, x)       dict -> m(**x), tuple or list of tensors -> m(*x), anything else -> m(x)
+    as_batches(data)       calibration data checked and normalized to forward-kwargs dicts; call_batch runs one
+    map_tensors / to_device / model_device / batch_size_of / take / repeat_to_batch   structure-keeping helpers
+    eval_mode(m)           context manager: dropout off inside, the caller's train/eval state restored after
+    progress(...)          a tqdm bar that stays silent when quiet or when stderr is not a terminal
+    rank_world()           (rank, world size) of this process in torch.distributed, (0, 1) outside a job
+"""
 from __future__ import annotations
 
 import contextlib
 import inspect
 import sys
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from prunekit.errors import CalibrationDataError, ConfigError
+from prunekit.errors import CalibrationDataError, ConfigError, InputTypeError
 
 
-def _bar(iterable, desc: str, quiet: bool):
+# ------------------------------------------------------------------------------------------------ process
+def progress(iterable: Optional[Iterable] = None, desc: str = "", quiet: bool = False, *,
+             total: Optional[int] = None, initial: int = 0, leave: bool = False):
+    """tqdm over `iterable` (or a manual bar of `total` steps), disabled when quiet or stderr is no terminal."""
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, disable=quiet or not sys.stderr.isatty(), leave=False)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, leave=leave,
+                disable=quiet or not sys.stderr.isatty())
+
+
+def rank_world() -> Tuple[int, int]:
+    """(rank, world size) in the default torch.distributed group; (0, 1) when no group is initialized."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def eval_mode(*models: Optional[nn.Module]):
+    """Run a block with the models in eval mode (dropout off); restore each one's train/eval state after."""
+    states = [(m, m.training) for m in models if m is not None]
+    for m, _ in states:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in states:
+            m.train(was_training)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -105,19 +141,27 @@ def _check_ids(t: Any, where: str) -> None:
                                    + ("; add a batch dim with ids.unsqueeze(0)" if t.dim() == 1 else ""))
 
 
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`fn` applied to every tensor in a (nested) tensor / tuple / namedtuple / list / dict; the rest kept."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):          # namedtuple
-        return type(obj)(*(_map_tensors(x, fn) for x in obj))
+        return type(obj)(*(map_tensors(x, fn) for x in obj))
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_tensors(x, fn) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return type(obj)(map_tensors(x, fn) for x in obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def to_device(obj: Any, device) -> Any:
+    """Every tensor in `obj` moved to `device` (structure kept; non-tensors untouched)."""
+    return map_tensors(obj, lambda t: t.to(device))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (inputs follow it); CPU for models without parameters
+    (e.g. dynamically quantized ones)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -126,43 +170,27 @@ def _model_device(model: nn.Module) -> torch.device:
 def call_batch(model: nn.Module, batch: Dict[str, Any], device: torch.device):
     """Run `model` on one batch from `as_batches` (keyword or positional inputs) moved to `device`."""
     if POSITIONAL in batch:
-        return model(*_map_tensors(batch[POSITIONAL], lambda t: t.to(device)))
-    return model(**_forward_kwargs(model, batch, device))
+        return model(*to_device(batch[POSITIONAL], device))
+    return model(**forward_kwargs(model, batch, device))
 
 
-def _forward_kwargs(model: nn.Module, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    kw = _map_tensors(batch, lambda t: t.to(device))
+def forward_kwargs(model: nn.Module, batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    """A keyword batch moved to `device`, with `use_cache=False` when the forward takes it (no KV cache
+    while calibrating)."""
+    kw = to_device(batch, device)
     if "use_cache" in (forward_parameters(model) or ()) and "use_cache" not in kw:
-        kw["use_cache"] = False                                     # no KV cache while calibrating
+        kw["use_cache"] = False
     return kw
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Calibrate with dropout off; restore the caller's train/eval state afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def call_with_inputs(model, inputs):
-    """Call a model the way its inputs ask: keyword arguments for a dict (HF tokenizer output), positional
-    for a tuple/list, else a single argument."""
+def call_model(model: nn.Module, inputs: Any):
+    """Call a model the way its inputs ask: a dict (Hugging Face tokenizer output) as keyword arguments, a
+    tuple -- or a list of tensors -- as positional arguments, anything else (a tensor, a list of texts) as
+    the single argument."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
-    if isinstance(inputs, (list, tuple)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def call_model(model: nn.Module, inputs: Any):
-    """dict -> model(**inputs) (Hugging Face style), tuple -> model(*inputs), anything else -> model(inputs)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
+    if isinstance(inputs, tuple) or (isinstance(inputs, list) and inputs
+                                     and all(isinstance(x, torch.Tensor) for x in inputs)):
         return model(*inputs)
     return model(inputs)
 
@@ -176,21 +204,57 @@ def split_batch(batch: Any) -> Tuple[Any, Any]:
     return batch, None
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
+def batch_size_of(obj: Any) -> int:
+    """Number of examples in a batch: first dimension of the first tensor found (through dicts, tuples and
+    lists of tensors); the length of a list of texts or numbers."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return int(obj.shape[0]) if obj.dim() > 0 else 1
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            if isinstance(v, (torch.Tensor, list, tuple, Mapping)):
+                return batch_size_of(v)
+    elif isinstance(obj, (list, tuple)) and obj:
+        if isinstance(obj[0], (torch.Tensor, list, tuple, Mapping)):
+            return batch_size_of(obj[0])
+        return len(obj)
+    raise InputTypeError(f"cannot tell the batch size of a {type(obj).__name__}; give tensors with the batch "
+                    f"dimension first (or a dict/tuple of them)")
+
+
+def take(obj: Any, lo: int, hi: int) -> Any:
+    """Examples lo:hi of a batch (same structure)."""
+    if isinstance(obj, (torch.Tensor, list)):
+        return obj[lo:hi]
     if isinstance(obj, tuple):
-        return tuple(to_device(v, device) for v in obj)
-    return obj
+        return tuple(take(o, lo, hi) for o in obj)
+    if isinstance(obj, Mapping):
+        return {k: take(v, lo, hi) if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in obj.items()}
+    if obj is None:
+        return None
+    raise InputTypeError(f"cannot slice a batch of type {type(obj).__name__}; give tensors, lists, or a "
+                    f"dict/tuple of them")
+
+
+def repeat_to_batch(inputs: Any, batch_size: int) -> Any:
+    """`inputs` resized to `batch_size` rows along dim 0 (rows repeated cyclically): one example input is
+    enough to time any batch size. A callable `inputs(batch_size)` is called instead."""
+    if callable(inputs):
+        return inputs(batch_size)
+    if not isinstance(inputs, (torch.Tensor, Mapping, list, tuple)):
+        raise InputTypeError(f"inputs must be a tensor, a dict/tuple of tensors, or a callable batch_size -> inputs; "
+                        f"got {type(inputs).__name__}")
+
+    def grow(t):
+        reps = -(-batch_size // t.shape[0])
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].contiguous()
+    return map_tensors(inputs, grow)
 
 
 def check_example_inputs(model: nn.Module, example_inputs: Any, what: str = "example_inputs") -> None:
     """Run the dense model once on `example_inputs` (no grad, eval mode); a failure becomes a ConfigError that
     names `what` and the innermost module that rejected the inputs (wrong shape, rank, dtype, device, batch 0)."""
     empty = []
-    _map_tensors(example_inputs, lambda t: empty.append(tuple(t.shape)) if t.dim() and t.shape[0] == 0 else None)
+    map_tensors(example_inputs, lambda t: empty.append(tuple(t.shape)) if t.dim() and t.shape[0] == 0 else None)
     if empty:
         raise ConfigError(f"{what} has batch size 0 (a tensor of shape {empty[0]}); pass at least one example")
     stack: List[str] = []
@@ -208,7 +272,7 @@ def check_example_inputs(model: nn.Module, example_inputs: Any, what: str = "exa
     for name, m in model.named_modules():
         hooks += [m.register_forward_pre_hook(enter(name)), m.register_forward_hook(leave)]
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             call_model(model, example_inputs)
     except Exception as e:           # noqa: BLE001 - any failure of the user's inputs is reported, with its cause
         where = stack[-1] if stack else ""

@@ -27,6 +27,7 @@ from prunekit.batch import split_batch
 from prunekit.errors import DataError, LoadError, PrunekitError
 from prunekit.evaluate.core import evaluate
 from prunekit.export.gguf import FTYPES, export_gguf
+from prunekit.measure.counts import count_params
 from prunekit.measure.latency import measure_latency
 from prunekit.report.write import write_report
 from prunekit.run.pipeline import load_recipe, run_pipeline
@@ -173,7 +174,7 @@ def cmd_eval(a) -> int:
         model = _load_pruned(model, a.pruned)
     data = _data(a.data, "test", a.batch_size, a.limit)
     res = evaluate(model, data, a.metric)
-    print(json.dumps({"metric": a.metric, "value": res.value, "params": sum(p.numel() for p in model.parameters())}))
+    print(json.dumps({"metric": a.metric, "value": res.value, "params": count_params(model)}))
     return 0
 
 

@@ -16,29 +16,34 @@ from typing import Any, Callable, Dict, Type
 from prunekit.errors import ConfigError
 
 _CONFIGS: Dict[str, Type["Config"]] = {}
+_ALIASES: Dict[str, str] = {}          # older `type:` names still read: alias -> class name
 
 
-def register_config(cls):
+def register_config(cls=None, *, aliases: typing.Sequence[str] = ()):
     """Class decorator (above @dataclass): make a config dataclass known to `config_from_dict` under its class
-    name, and check every field against its type hint and range metadata at construction (`check_fields`),
-    before the class's own `__post_init__` runs."""
-    _CONFIGS[cls.__name__] = cls
-    inherited = getattr(cls, "__post_init__", None)
-    original = getattr(inherited, "__checked_original__", inherited)
-    if original is not None:
-        def __post_init__(self):
-            check_fields(self)
-            original(self)
-        __post_init__.__checked_original__ = original
-        cls.__post_init__ = __post_init__
-    else:
-        init = cls.__init__
+    name (and under `aliases`, names it had before, so existing recipes keep loading), and check every field
+    against its type hint and range metadata at construction (`check_fields`), before the class's own
+    `__post_init__` runs."""
+    def deco(cls):
+        _CONFIGS[cls.__name__] = cls
+        _ALIASES.update({a: cls.__name__ for a in aliases})
+        inherited = getattr(cls, "__post_init__", None)
+        original = getattr(inherited, "__checked_original__", inherited)
+        if original is not None:
+            def __post_init__(self):
+                check_fields(self)
+                original(self)
+            __post_init__.__checked_original__ = original
+            cls.__post_init__ = __post_init__
+        else:
+            init = cls.__init__
 
-        def __init__(self, *args, **kwargs):
-            init(self, *args, **kwargs)
-            check_fields(self)
-        cls.__init__ = __init__
-    return cls
+            def __init__(self, *args, **kwargs):
+                init(self, *args, **kwargs)
+                check_fields(self)
+            cls.__init__ = __init__
+        return cls
+    return deco(cls) if cls is not None else deco
 
 
 # --------------------------------------------------------------------------------------------- field checks
@@ -132,24 +137,33 @@ def check_fields(obj) -> None:
 
 
 class Config:
-    """Base for config dataclasses: dict round trip and field checks."""
+    """Base for config dataclasses: dict round trip and field checks.
 
-    def to_dict(self) -> dict:
+    Fields named in `_runtime` (calibration data, loss functions attached at run time) are not part of the
+    dict form."""
+    _runtime: typing.Tuple[str, ...] = ()
+
+    def to_dict(self, callables: str = "error") -> dict:
+        """Plain-data form with a `type` key. callables="error" raises ConfigError on a Python callable (it
+        cannot go to YAML/JSON); callables="repr" writes its repr instead (a record, not for loading)."""
         out = {"type": type(self).__name__}
         for f in dataclasses.fields(self):
-            out[f.name] = _to_plain(getattr(self, f.name), f.name, type(self).__name__)
+            if f.init and f.name not in self._runtime:
+                out[f.name] = _to_plain(getattr(self, f.name), f.name, type(self).__name__, callables)
         return out
 
 
-def _to_plain(v, name, owner):
+def _to_plain(v, name, owner, callables="error"):
     if isinstance(v, Config):
-        return v.to_dict()
+        return v.to_dict(callables)
     if isinstance(v, (list, tuple)):
-        return [_to_plain(x, name, owner) for x in v]
+        return [_to_plain(x, name, owner, callables) for x in v]
     if isinstance(v, dict):
-        return {str(k): _to_plain(x, name, owner) for k, x in v.items()}
+        return {str(k): _to_plain(x, name, owner, callables) for k, x in v.items()}
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if callable(v) and callables == "repr":
+        return repr(v)
     if callable(v):
         raise ConfigError(f"{owner}.{name} is a Python callable ({v!r}); callables cannot be written to YAML/JSON. "
                           f"Use a built-in name instead, or keep this config in Python.")
@@ -162,13 +176,13 @@ def config_from_dict(d: dict) -> "Config":
     Unknown keys raise ConfigError naming the closest valid key."""
     if not isinstance(d, dict) or "type" not in d:
         raise ConfigError(f"expected a mapping with a 'type' key (one of {sorted(_CONFIGS)}), got {d!r}")
-    name = d["type"]
+    name = _ALIASES.get(d["type"], d["type"])
     if name not in _CONFIGS:
         close = difflib.get_close_matches(str(name), list(_CONFIGS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown config type '{name}'{hint} Known: {sorted(_CONFIGS)}")
     cls = _CONFIGS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in d.items():
@@ -183,7 +197,7 @@ def config_from_dict(d: dict) -> "Config":
 
 
 def _from_plain(v, hint):
-    if isinstance(v, dict) and "type" in v and v["type"] in _CONFIGS:
+    if isinstance(v, dict) and "type" in v and (v["type"] in _CONFIGS or v["type"] in _ALIASES):
         return config_from_dict(v)
     if isinstance(v, list):
         return [_from_plain(x, None) for x in v]

@@ -55,7 +55,8 @@ class UnsupportedHardwareError(PrunekitError, RuntimeError):
 
 
 class DataError(PrunekitError, RuntimeError):
-    """A dataset is missing or a spec cannot be resolved; the message says what to install or change."""
+    """A dataset is missing, a spec cannot be resolved, or a batch has a form prunekit cannot read; the
+    message says what to install or change."""
 
 
 class GraphError(PrunekitError, RuntimeError):

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prunekit.batch import call_model, split_batch
+from prunekit.batch import call_model, eval_mode, split_batch
 from prunekit.data import load
 from prunekit.errors import CalibrationDataError, InputTypeError
 
@@ -28,7 +28,7 @@ def default_loss(output: Any, targets: Any) -> torch.Tensor:
     return loss
 
 
-def _calibration_batches(data, n: Optional[int]) -> list:
+def calibration_batches(data, n: Optional[int]) -> list:
     if data is None:
         raise CalibrationDataError("this importance criterion is data-aware: give it calibration batches, e.g. "
                                    "Taylor(data=prunekit.data.load('fashion-mnist', limit=512)) (a recipe gets the "
@@ -53,13 +53,8 @@ def batch_loss(model: nn.Module, batch, loss_fn: Optional[Callable] = None) -> t
 
 def mean_loss(model: nn.Module, batches: list, loss_fn: Optional[Callable] = None) -> float:
     """Mean calibration loss in eval mode without gradients (BatchNorm statistics untouched)."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return float(sum(float(batch_loss(model, b, loss_fn)) for b in batches) / len(batches))
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        return float(sum(float(batch_loss(model, b, loss_fn)) for b in batches) / len(batches))
 
 
 def logits_of(output: Any) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prunekit.batch import eval_mode
 from prunekit.data import cache_dir, resolve_callable
 from prunekit.data import load as load_data
 from prunekit.errors import ConfigError, InputTypeError
@@ -73,14 +74,11 @@ class FashionMNISTResNet(nn.Module):
 
 def accuracy(model: nn.Module, batches) -> float:
     """Top-1 accuracy of `model` (in eval mode, no grad) over `(inputs, labels)` batches."""
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for x, y in batches:
             correct += int((model(x).argmax(1) == y).sum())
             total += int(y.numel())
-    model.train(was_training)
     if total == 0:
         raise ConfigError("accuracy(): the batches held no examples")
     return correct / total

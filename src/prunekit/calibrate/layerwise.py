@@ -32,11 +32,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from prunekit.batch import _eval_mode, _map_tensors, _model_device, call_batch
+from prunekit.batch import call_batch, eval_mode, map_tensors, model_device
 from prunekit.errors import ConfigError, GraphError, InputTypeError
 
-__all__ = ["CalibrationDataError", "as_batches", "find_blocks", "chain_break", "ActivationBuffer", "capture_block_inputs",
-           "run_layerwise", "run_whole", "measure_peak_memory", "peak_rss_bytes"]
+__all__ = ["find_blocks", "chain_break", "ActivationBuffer", "capture_block_inputs", "run_layerwise", "run_whole"]
 
 Observe = Callable[[int, str, nn.Module], List[Any]]   # returns hook handles (anything with .remove())
 Update = Callable[[int, str, nn.Module], None]
@@ -89,8 +88,8 @@ def chain_break(model: nn.Module, layers: nn.ModuleList, batch: Dict[str, Any]) 
     handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in layers]
     handles += [b.register_forward_hook(post, with_kwargs=True) for b in layers]
     try:
-        with _eval_mode(model):
-            call_batch(model, batch, _model_device(model))
+        with eval_mode(model):
+            call_batch(model, batch, model_device(model))
     finally:
         for h in handles:
             h.remove()
@@ -129,10 +128,6 @@ def _strip_cache(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
     return args, kwargs
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args: tuple, kwargs: dict, h: torch.Tensor) -> Tuple[tuple, dict]:
     if args:
         return (h,) + tuple(args[1:]), kwargs
@@ -168,7 +163,7 @@ class ActivationBuffer:
         return len(self._items)
 
     def _store(self, entry: Tuple[tuple, dict]) -> Any:
-        entry = _map_tensors(entry, lambda t: t.detach().to("cpu"))
+        entry = map_tensors(entry, lambda t: t.detach().to("cpu"))
         if self._dir is None:
             return entry
         self._serial += 1
@@ -231,10 +226,10 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[D
         buf.append(*_strip_cache(tuple(args), dict(kwargs)))
         raise _StopForward
 
-    device = _model_device(model)
+    device = model_device(model)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             for i, batch in enumerate(batches):
                 n = len(buf)
                 try:
@@ -268,10 +263,10 @@ def run_layerwise(model: nn.Module, batches: Sequence[Dict[str, Any]], observe: 
     prefix, layers = blocks if blocks is not None else find_blocks(model)
     buf = capture_block_inputs(model, layers[0], batches, offload=offload, offload_dir=offload_dir)
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             for i, block in enumerate(layers):
                 name = f"{prefix}.{i}" if prefix else str(i)
-                home = _model_device(block)
+                home = model_device(block)
                 run_on = torch.device(device) if device is not None else home
                 if run_on != home:
                     block.to(run_on)
@@ -298,7 +293,7 @@ def _run_block(block: nn.Module, buf: ActivationBuffer, device: torch.device, wr
     """Run every buffered batch through `block`; with write_back, its output replaces that entry's hidden
     states right away (entry j is not read again in this pass), so only one buffer is ever alive."""
     for j in range(len(buf)):
-        args, kwargs = _map_tensors(buf.get(j), lambda t: t.to(device))
+        args, kwargs = map_tensors(buf.get(j), lambda t: t.to(device))
         out = _block_output(block(*args, **kwargs))
         if write_back:
             buf.set_hidden(j, out.detach())
@@ -309,8 +304,8 @@ def run_whole(model: nn.Module, batches: Sequence[Dict[str, Any]], observe: Obse
     """Whole-model pipeline: `observe(-1, "", model)` attaches hooks anywhere, every batch runs through the full
     model once, the hooks are removed, then `update(-1, "", model)`. Simple and exact for any architecture,
     but all statistics are alive at once and nothing downstream sees the pruned layers' outputs."""
-    device = _model_device(model)
-    with _eval_mode(model):
+    device = model_device(model)
+    with eval_mode(model):
         handles = observe(-1, "", model)
         try:
             for batch in batches:

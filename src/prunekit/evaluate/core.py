@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from prunekit.batch import eval_mode
 from prunekit.errors import MetricError
 from prunekit.evaluate.compare import compare_slices
 from prunekit.evaluate.metrics import Metric, TokenWindows, resolve
@@ -79,22 +80,17 @@ def evaluate(model: nn.Module, data, metric: Union[str, Metric, Callable] = "acc
     if isinstance(slices, str) and slices != "label":
         raise MetricError(f"slices={slices!r}: give None, 'label', a list of tags, or a function example -> tag")
     rows, tags, n_batches = [], [], 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in _as_batches(data, batch_size):
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                r = np.asarray(m.per_example(model, batch), dtype=np.float64)
-                t = _slice_tags(m, slices, batch, len(r))
-                if t is not None and len(t) != len(r):
-                    raise MetricError(f"batch {n_batches}: {len(t)} slice tags for {len(r)} examples")
-                rows.append(r)
-                tags.extend([_hashable(x) for x in t] if t is not None else [])
-                n_batches += 1
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for batch in _as_batches(data, batch_size):
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            r = np.asarray(m.per_example(model, batch), dtype=np.float64)
+            t = _slice_tags(m, slices, batch, len(r))
+            if t is not None and len(t) != len(r):
+                raise MetricError(f"batch {n_batches}: {len(t)} slice tags for {len(r)} examples")
+            rows.append(r)
+            tags.extend([_hashable(x) for x in t] if t is not None else [])
+            n_batches += 1
     if not rows:
         raise MetricError("data yielded no batches; nothing to evaluate")
     rows = np.concatenate(rows)
@@ -143,7 +139,7 @@ def _build(m: Metric, rows: np.ndarray, tags: List[Any], data, n_batches: int) -
     elif m.name == "perplexity":
         meta.update(window_length=int(rows[0, 1]) + 1, stride="as given (windows passed in by the caller)")
     agg = m.name if m.name in ("accuracy", "perplexity", "embedding_similarity") else "mean"
-    if agg == "mean" and m.aggregate.__name__ != "_mean":
+    if agg == "mean" and m.aggregate.__name__ != "mean_of_rows":
         agg = m.name  # custom aggregate: usable in this process, not restorable by from_dict
     res = EvalResult(m.name, m.higher_is_better, m.aggregate(rows), list(m.columns), rows, tags, slices, meta, agg)
     if agg == m.name and m.name not in ("accuracy", "perplexity", "embedding_similarity"):

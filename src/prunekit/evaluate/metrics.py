@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunekit.batch import call_with_inputs
+from prunekit.batch import batch_size_of, call_model, model_device, to_device
 from prunekit.errors import MetricError
 
 
@@ -43,49 +43,17 @@ class Metric:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _device_of(model) -> torch.device:
-    """First parameter's device, so inputs follow the model (CPU for quantized models without parameters)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def to_device(x, device):
-    """Move a tensor / dict / tuple / list of tensors to `device`; leave other objects as they are."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
-
-
-def batch_len(x) -> int:
-    """Number of examples in a batch (first dimension of the first tensor found)."""
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() > 0 else 1
-    if isinstance(x, Mapping):
-        for v in x.values():
-            return batch_len(v)
-    if isinstance(x, (list, tuple)) and x:
-        if all(isinstance(v, (int, float, str)) for v in x):
-            return len(x)
-        return batch_len(x[0])
-    raise MetricError(f"cannot tell the batch size of a {type(x).__name__}; give tensors with a batch dimension")
-
-
-def split_batch(x, n: int) -> List[Any]:
-    """Split a batch into `n` per-example objects, keeping the batch's structure (tuple/dict/tensor)."""
+def examples_of(x, n: int) -> List[Any]:
+    """Cut a batch into its `n` examples, each keeping the batch's structure (tuple/dict/tensor)."""
     if isinstance(x, torch.Tensor):
         return [x[i] for i in range(n)]
     if isinstance(x, Mapping):
-        parts = {k: split_batch(v, n) for k, v in x.items()}
+        parts = {k: examples_of(v, n) for k, v in x.items()}
         return [{k: parts[k][i] for k in parts} for i in range(n)]
     if isinstance(x, (list, tuple)):
         if all(isinstance(v, (int, float, str)) for v in x):
             return list(x)
-        cols = [split_batch(v, n) for v in x]
+        cols = [examples_of(v, n) for v in x]
         return [tuple(c[i] for c in cols) for i in range(n)]
     return [x] * n
 
@@ -111,20 +79,20 @@ def _labels_of(batch):
 # ----------------------------------------------------------------------------------------------- accuracy
 def _acc_per_example(model, batch):
     x, y = batch[0], _labels_of(batch)
-    dev = _device_of(model)
-    logits = _logits(call_with_inputs(model, to_device(x, dev)))
+    dev = model_device(model)
+    logits = _logits(call_model(model, to_device(x, dev)))
     if logits.dim() != 2:
         raise MetricError(f"accuracy expects logits of shape (batch, classes), got {tuple(logits.shape)}")
     correct = (logits.argmax(-1).cpu() == torch.as_tensor(y).cpu()).double()
     return correct.numpy()[:, None]
 
 
-def _mean(rows: np.ndarray) -> float:
+def mean_of_rows(rows: np.ndarray) -> float:
     return float(rows[:, 0].mean()) if len(rows) else float("nan")
 
 
-ACCURACY = Metric("accuracy", ["correct"], True, _acc_per_example, _mean,
-                  examples=lambda b: split_batch(tuple(b), batch_len(b[1])),
+ACCURACY = Metric("accuracy", ["correct"], True, _acc_per_example, mean_of_rows,
+                  examples=lambda b: examples_of(tuple(b), batch_size_of(b[1])),
                   labels=lambda b: [_plain(v) for v in torch.as_tensor(_labels_of(b)).tolist()])
 
 
@@ -145,7 +113,7 @@ def _window_ids(batch):
 
 
 def _ppl_per_example(model, batch):
-    ids = _window_ids(batch).to(_device_of(model))
+    ids = _window_ids(batch).to(model_device(model))
     logits = _logits(model(ids)).float()
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                           reduction="none").view(ids.shape[0], -1)
@@ -167,7 +135,7 @@ def _window_tags(batch):
 
 
 PERPLEXITY = Metric("perplexity", ["nll_sum", "n_tokens"], False, _ppl_per_example, _ppl_aggregate,
-                    examples=lambda b: split_batch(_window_ids(b), _window_ids(b).shape[0]), labels=_window_tags)
+                    examples=lambda b: examples_of(_window_ids(b), _window_ids(b).shape[0]), labels=_window_tags)
 
 
 class TokenWindows:
@@ -200,7 +168,7 @@ class TokenWindows:
 def embed(model, inputs) -> torch.Tensor:
     """Sentence embeddings from a model: (batch, dim) outputs as they are; token outputs are mean-pooled over
     the attention mask (the sentence-transformers recipe for MiniLM-style encoders)."""
-    out = call_with_inputs(model, inputs)
+    out = call_model(model, inputs)
     if isinstance(out, dict) and "sentence_embedding" in out:
         return out["sentence_embedding"]
     h = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)
@@ -228,7 +196,7 @@ def _emb_parts(batch):
 
 def _emb_per_example(model, batch):
     a, b, gold = _emb_parts(batch)
-    dev = _device_of(model)
+    dev = model_device(model)
     ea, eb = embed(model, to_device(a, dev)), embed(model, to_device(b, dev))
     cos = F.cosine_similarity(ea.float(), eb.float(), dim=-1).double().cpu()
     return torch.stack([cos, torch.as_tensor(gold, dtype=torch.float64).cpu()], 1).numpy()
@@ -241,7 +209,7 @@ def _pearson(rows: np.ndarray) -> float:
 
 
 EMBEDDING_SIMILARITY = Metric("embedding_similarity", ["cosine", "human_score"], True, _emb_per_example,
-                              _pearson, examples=lambda b: split_batch(tuple(_emb_parts(b)), batch_len(b[2])))
+                              _pearson, examples=lambda b: examples_of(tuple(_emb_parts(b)), batch_size_of(b[2])))
 
 
 # ----------------------------------------------------------------------------------------------- user metrics
@@ -277,7 +245,7 @@ def from_callable(fn: Callable, name: str = None, higher_is_better: bool = True)
     if not name or name.startswith("<"):  # lambdas and partials have no useful name
         name = "user_metric"
     return Metric(name, ["score"], higher_is_better, per_example,
-                  _mean, examples=lambda b: split_batch(b, batch_len(b)), labels=labels)
+                  mean_of_rows, examples=lambda b: examples_of(b, batch_size_of(b)), labels=labels)
 
 
 BUILTIN: Dict[str, Metric] = {m.name: m for m in (ACCURACY, PERPLEXITY, EMBEDDING_SIMILARITY)}

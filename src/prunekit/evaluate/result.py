@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from prunekit.errors import MetricError
-from prunekit.evaluate.metrics import AGGREGATES, _mean
+from prunekit.evaluate.metrics import AGGREGATES, mean_of_rows
 
 
 def json_float(v):
@@ -57,7 +57,7 @@ class EvalResult:
 
     def aggregate(self, rows: np.ndarray) -> float:
         """Recompute this metric on a subset of rows (used by slices and bootstrap)."""
-        fn = AGGREGATES.get(self.aggregate_name, _mean if self.aggregate_name == "mean" else None)
+        fn = AGGREGATES.get(self.aggregate_name, mean_of_rows if self.aggregate_name == "mean" else None)
         if fn is None:
             raise MetricError(f"EvalResult for metric '{self.metric}' has aggregate '{self.aggregate_name}' that "
                               f"prunekit does not know; known: {sorted(AGGREGATES) + ['mean']}")

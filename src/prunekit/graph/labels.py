@@ -67,18 +67,33 @@ class IdSpace:
             self.union(torch.zeros_like(ids), ids)
 
     def components(self) -> np.ndarray:
-        """Component label per id (length `self.next`); the component of PIN is `labels[0]`."""
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-        n = self.next
-        if self._a:
-            a = torch.cat(self._a).numpy()
-            b = torch.cat(self._b).numpy()
-        else:
-            a = b = np.zeros(0, dtype=np.int64)
-        g = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-        _, labels = connected_components(g, directed=False)
-        return labels
+        """Component label per id (length `self.next`); the component of PIN is `labels[0]`. Components are
+        numbered 0, 1, ... in the order of their smallest id (scipy's `connected_components` numbering)."""
+        a = torch.cat(self._a).numpy() if self._a else np.zeros(0, dtype=np.int64)
+        b = torch.cat(self._b).numpy() if self._b else np.zeros(0, dtype=np.int64)
+        return connected_components(self.next, a, b)
+
+
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Label of each of `n` nodes joined by the undirected edges a[i] -- b[i], numbered by smallest member.
+
+    Hooking + pointer jumping (Shiloach-Vishkin style): every root adopts the smallest root it touches
+    through an edge, then pointers are shortcut to their roots, until no edge joins two roots. Plain numpy,
+    so tracing does not pay for importing scipy.sparse (seconds on a loaded machine)."""
+    parent = np.arange(n)
+    while a.size:
+        ra, rb = parent[a], parent[b]
+        joins = ra != rb
+        if not joins.any():
+            break
+        a, b, ra, rb = a[joins], b[joins], ra[joins], rb[joins]      # edges inside a component are done
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        while True:                                                  # shortcut: every node points at its root
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+    return np.unique(parent, return_inverse=True)[1].reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------- block helpers

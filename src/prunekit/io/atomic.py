@@ -36,7 +36,7 @@ def honour_umask(path: PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -66,7 +66,7 @@ def _atomic_replace(path: PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_file(path: PathLike, write: Callable[[str], None]) -> None:
@@ -110,7 +110,7 @@ def fsync_tree(root: Path) -> None:
                 continue
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 _RENAME_EXCHANGE = 2
@@ -148,9 +148,9 @@ def swap_in(tmp: Path, target: Path) -> None:
             os.rename(backup / "d", target)
             raise
         finally:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         shutil.rmtree(backup, ignore_errors=True)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Save and load pruned models: safetensors weights + a JSON plan. No pickle anywhere.
 
 Layout of a saved directory:
-    plan.json           what was cut: {"format", "kept": {tensor: {dim: kept indices}}, "attrs": [...], ...}
+    plan.json           what was cut: `prunekit.plan.Plan.to_dict()` ({"format", "kept", "attrs", ...})
     model.safetensors   the pruned model's state_dict (tied tensors stored once)
     prunekit.json       {"prunekit_version", "files": {name: sha256}}: every file of the directory, checked on load
 
@@ -25,6 +25,7 @@ from prunekit.io.atomic import atomic_dir, atomic_write_json
 from prunekit.io.hf import BASE_CONFIG, load_hf, save_hf
 from prunekit.io.schema import safe_file, sha256_file
 from prunekit.io.state import META, PLAN, WEIGHTS, load_state, read_plan, replay, save_weights
+from prunekit.plan import Plan
 from prunekit.version import __version__
 
 
@@ -54,7 +55,8 @@ def save(result, path: Union[str, Path]) -> Path:
     path = Path(path)
     _check_target(path)
     model = result.model if hasattr(result, "model") else result
-    plan = getattr(result, "plan", None) or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}
+    plan = getattr(result, "plan", None) or Plan()
+    plan = plan.to_dict() if isinstance(plan, Plan) else plan
     hf_save = getattr(model, "save_pretrained", None)
     try:
         with atomic_dir(path) as tmp:

@@ -11,11 +11,10 @@ import torch.nn as nn
 
 from prunekit.errors import LoadError
 from prunekit.io.schema import safe_file
-from prunekit.io.state import WEIGHTS, fit_to_tensors, load_state, plain_state_dict, replay
+from prunekit.io.state import WEIGHTS, fit_to_tensors, load_state, baked_state_dict, replay
 from prunekit.models.hf import after_surgery, config_expresses
 
 BASE_CONFIG = "prunekit_base_config.json"
-
 
 def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
     base = plan.get("hf_base_config")
@@ -26,7 +25,7 @@ def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
         # base config, which always validates, and let pk.load rebuild the shapes from the plan and tensors
         model.config = type(pruned_cfg).from_dict(base)
     try:
-        model.save_pretrained(str(path), safe_serialization=True, state_dict=plain_state_dict(model))
+        model.save_pretrained(str(path), safe_serialization=True, state_dict=baked_state_dict(model))
     finally:
         model.config = pruned_cfg
     if base is not None:
@@ -39,7 +38,6 @@ def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
             d["prunekit_note"] = "per-layer pruned widths; load with prunekit.load(dir)"
             (path / "config.json").write_text(json.dumps(d, indent=1))
 
-
 def _saved_dtype(sd: Dict[str, torch.Tensor]):
     """The floating dtype most of the saved weights have (None if there are no floating tensors)."""
     counts: Dict[torch.dtype, int] = {}
@@ -47,7 +45,6 @@ def _saved_dtype(sd: Dict[str, torch.Tensor]):
         if t.is_floating_point():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     return max(counts, key=counts.get) if counts else None
-
 
 def _valid(config) -> bool:
     """Does transformers accept this config (its own validators, as save_pretrained / from_pretrained run)?"""
@@ -59,7 +56,6 @@ def _valid(config) -> bool:
     except Exception:          # transformers' validators raise ValueError subclasses of several kinds
         return False
     return True
-
 
 def load_hf(path: Path, plan: Dict[str, Any]) -> nn.Module:
     """Rebuild an HF model saved by pk.save without the original weights: base config -> replay -> weights.

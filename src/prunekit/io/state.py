@@ -12,8 +12,10 @@ from prunekit.errors import LoadError
 from prunekit.io.atomic import save_safetensors_atomic
 from prunekit.io.schema import check_plan_fits, safe_file, sha256_file, validate_plan
 from prunekit.layers.depth import replay_layers
+from prunekit.measure.size import without_shared_storage
 from prunekit.models import hf
 from prunekit.nn import convert_mha
+from prunekit.plan import Plan
 from prunekit.structured.surgery import apply_kept
 
 PLAN = "plan.json"
@@ -21,7 +23,7 @@ WEIGHTS = "model.safetensors"
 META = "prunekit.json"
 
 
-def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def baked_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """state_dict where parametrized tensors (sparse masks) appear as their plain masked value under the
     original name, so the file loads into an ordinary model."""
     from torch.nn.utils import parametrize
@@ -39,17 +41,7 @@ def plain_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def state_dict_unique(model: nn.Module) -> Dict[str, torch.Tensor]:
     """state_dict with each tied tensor once (safetensors refuses shared storage)."""
-    seen = {}
-    out = {}
-    for k, v in plain_state_dict(model).items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride())) \
-            if v.numel() else None
-        if key is not None and key in seen:
-            continue
-        if key is not None:
-            seen[key] = k
-        out[k] = v.detach().contiguous().clone()
-    return out
+    return {k: v.detach().contiguous().clone() for k, v in without_shared_storage(baked_state_dict(model)).items()}
 
 
 def save_weights(model: nn.Module, path: Union[str, Path], metadata: Optional[Dict[str, str]] = None):
@@ -101,12 +93,14 @@ def read_plan(path: Union[str, Path], verify: bool = True) -> Tuple[Dict[str, An
     return validate_plan(plan, f"pk.load: '{path / PLAN}'"), files
 
 
-def replay(model: nn.Module, plan: Dict[str, Any]) -> nn.Module:
-    """Apply a saved structured plan to a fresh model of the original architecture (in place)."""
+def replay(model: nn.Module, plan: Union[Plan, Dict[str, Any]]) -> nn.Module:
+    """Apply a plan (a `Plan`, or its validated JSON form) to a fresh model of the original architecture
+    (in place)."""
+    plan = plan.to_dict() if isinstance(plan, Plan) else plan
     check_plan_fits(model, plan, "pk.load")
     try:
         if plan.get("format", "").startswith("prunekit.layers"):
-            return replay_layers(model, plan)
+            return replay_layers(model, Plan.from_dict(plan, where="pk.load: plan"))
         if plan.get("convert_mha"):
             convert_mha(model, plan["convert_mha"])
         kept = {n: {int(d): v for d, v in dims.items()} for n, dims in plan.get("kept", {}).items()}

@@ -12,16 +12,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 
 from prunekit.api import PruneResult
-from prunekit.batch import as_batches
+from prunekit.batch import as_batches, eval_mode
 from prunekit.calibrate.layerwise import find_blocks
 from prunekit.config import Config, register_config, register_handler
 from prunekit.errors import ConfigError
+from prunekit.measure.counts import count_params
+from prunekit.plan import Plan
 
 IMPORTANCES = ("block_influence", "angular", "greedy_loss")
 
@@ -152,31 +154,26 @@ def drop_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
     return model
 
 
-def replay_layers(model: nn.Module, plan: Dict) -> nn.Module:
-    return drop_layers(model, plan["removed_layers"])
+def replay_layers(model: nn.Module, plan: Plan) -> nn.Module:
+    return drop_layers(model, plan.removed_layers)
 
 
 @register_handler(Layers)
-def prune_layers(model: nn.Module, cfg: Layers, *, data=None, inplace: bool = False, **_) -> PruneResult:
+def prune_layers(model: nn.Module, cfg: Layers, *, data=None, inplace: bool = False) -> PruneResult:
     if data is None:
         raise ConfigError("prune(model, Layers(...)) needs data=: calibration batches (input_ids tensors of shape "
                           "(B, T) or dicts of forward keyword arguments)")
     batches = _batches(data)
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         remove = choose_layers(model, cfg, batches)
-    finally:
-        model.train(was)
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = count_params(model)
     base_config = model.config.to_dict() if hasattr(model, "config") else None
     out = model if inplace else copy.deepcopy(model)
     drop_layers(out, remove)
     path, _ = _blocks(out)
-    plan = {"format": "prunekit.layers/1", "config": cfg.to_dict(), "blocks": path, "removed_layers": remove,
-            "kept": {}, "attrs": []}
+    plan = Plan(kind="layers", config=cfg.to_dict(), blocks=path, removed_layers=list(remove))
     if base_config is not None:
-        plan.update(hf_base_config=base_config, hf_class=type(model).__name__, hf_config_exact=True)
+        plan.hf_base_config, plan.hf_class, plan.hf_config_exact = base_config, type(model).__name__, True
     return PruneResult(model=out, plan=plan, config=cfg,
-                       stats={"params_before": params_before, "params_after": sum(p.numel() for p in out.parameters()),
+                       stats={"params_before": params_before, "params_after": count_params(out),
                               "removed_layers": remove})

@@ -5,18 +5,16 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
+from prunekit.batch import eval_mode
 from prunekit.graph.tracer import trace
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
     """Multiply-accumulates of one forward pass on `example_inputs` (conv, linear, matmul, attention)."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         tr = trace(model, example_inputs)
-    finally:
-        model.train(was)
     return int(sum(c.base for c in tr.costs))
 
 
@@ -43,16 +41,26 @@ def quantized_plain_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
-    """Number of weights: unique parameters plus int8 weights of quantized layers (which have no Parameters).
+    """Number of weights: tied parameters once, parametrized tensors (sparse masks) as the value the forward
+    uses, plus the int8 weights and biases of dynamically quantized layers (which have no Parameters).
 
     nonzero=True counts only non-zero entries, which is what unstructured (masked) pruning reduces."""
+    def size(t: torch.Tensor) -> int:
+        return int(torch.count_nonzero(t)) if nonzero else t.numel()
+
     seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen:
+    for m in model.modules():
+        if not parametrize.is_parametrized(m):
             continue
-        seen.add(id(p))
-        total += int(torch.count_nonzero(p)) if nonzero else p.numel()
+        for pname, plist in m.parametrizations.items():
+            seen.update(id(p) for p in plist.parameters())      # the original and any parametrization state
+            with torch.no_grad():
+                total += size(getattr(m, pname))
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += size(p)
     for k, v in quantized_plain_tensors(model).items():
         if k.endswith(".weight_int8") or k.endswith(".bias"):
-            total += int(torch.count_nonzero(v)) if nonzero else v.numel()
+            total += size(v)
     return total

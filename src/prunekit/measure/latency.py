@@ -19,60 +19,20 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from prunekit.batch import call_with_inputs
-from prunekit.errors import ConfigError, InputTypeError
+from prunekit.batch import call_model, model_device, repeat_to_batch
+from prunekit.errors import ConfigError
 from prunekit.measure.env import environment_info
 
 
-# ----------------------------------------------------------------------------------------------- inputs
-def _first_dim(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.shape[0]
-    if isinstance(x, Mapping):
-        return _first_dim(next(iter(x.values())))
-    if isinstance(x, (list, tuple)):
-        return _first_dim(x[0])
-    raise InputTypeError(f"inputs must be tensors (or a dict/tuple of tensors) with a batch dimension, got {type(x)}")
-
-
-def make_batch(inputs, batch_size: int):
-    """`inputs` resized to `batch_size` rows along dim 0 (rows repeated cyclically): one example input is
-    enough to time any batch size. A callable `inputs(batch_size)` is called instead."""
-    if callable(inputs):
-        return inputs(batch_size)
-
-    def grow(t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        reps = -(-batch_size // t.shape[0])
-        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch_size].contiguous()
-
-    if isinstance(inputs, torch.Tensor):
-        return grow(inputs)
-    if isinstance(inputs, Mapping):
-        return {k: grow(v) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(grow(t) for t in inputs)
-    raise InputTypeError(f"inputs must be a tensor, a dict/tuple of tensors, or a callable batch_size -> inputs; "
-                         f"got {type(inputs).__name__}")
-
-
-def _sync(device_type: str):
+def sync_device(device_type: str):
     if device_type == "cuda":
         torch.cuda.synchronize()
-
-
-def _device_type(model) -> str:
-    for p in model.parameters():
-        return p.device.type
-    return "cpu"
 
 
 @contextlib.contextmanager
@@ -123,7 +83,7 @@ class LatencyResult(dict):
         return "\n".join(lines)
 
 
-def _stats_ms(times_s: Sequence[float]) -> Dict[str, float]:
+def stats_ms(times_s: Sequence[float]) -> Dict[str, float]:
     ms = np.asarray(times_s) * 1e3
     p25, p50, p75 = np.percentile(ms, [25, 50, 75])
     return {"median_ms": float(p50), "p25_ms": float(p25), "p75_ms": float(p75), "iqr_ms": float(p75 - p25),
@@ -149,22 +109,22 @@ def measure_latency(models: Dict[str, nn.Module], inputs, batch_sizes: Iterable[
         for m in models.values():
             m.eval()
         for bs in batch_sizes:
-            batch = make_batch(inputs, bs)
+            batch = repeat_to_batch(inputs, bs)
             for _ in range(warmup):
                 for name in names:
-                    call_with_inputs(models[name], batch)
+                    call_model(models[name], batch)
             times = {name: [] for name in names}
             for rep in range(reps):
                 k = rep % len(names)
                 for name in names[k:] + names[:k]:  # rotate who goes first
-                    dev = _device_type(models[name])
-                    _sync(dev)
+                    dev = model_device(models[name]).type
+                    sync_device(dev)
                     t0 = time.perf_counter()
-                    call_with_inputs(models[name], batch)
-                    _sync(dev)
+                    call_model(models[name], batch)
+                    sync_device(dev)
                     times[name].append(time.perf_counter() - t0)
             for name in names:
-                st = _stats_ms(times[name])
+                st = stats_ms(times[name])
                 rows.append({"model": name, "batch_size": bs, **st, "reps": reps,
                              "items_per_s": bs / (st["median_ms"] / 1e3)})
     return LatencyResult(rows=rows, env=environment_info() | {"torch_threads": threads},

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from prunekit.batch import forward_parameters
 from prunekit.errors import InputTypeError
-from prunekit.measure.latency import _stats_ms, _sync, pinned_threads
+from prunekit.measure.latency import pinned_threads, stats_ms, sync_device
 
 
 # ----------------------------------------------------------------------------------------------- causal LM
@@ -48,13 +48,13 @@ def prefill_latency(model: nn.Module, input_ids: torch.Tensor, reps: int = 10, w
     with pinned_threads(threads), torch.inference_mode():
         model.eval()
         for i in range(warmup + reps):
-            _sync(ids.device.type)
+            sync_device(ids.device.type)
             t0 = time.perf_counter()
             model(input_ids=ids, **kw)
-            _sync(ids.device.type)
+            sync_device(ids.device.type)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-    st = _stats_ms(times)
+    st = stats_ms(times)
     st.update(prompt_tokens=int(ids.shape[-1]), batch_size=int(ids.shape[0]), threads=threads,
               logits_to_keep=kw.get("logits_to_keep"))
     return st
@@ -85,12 +85,12 @@ def decode_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, new_tokens: i
         for _ in range(reps + 1):  # first run warms up
             out = model(input_ids=ids, use_cache=True)
             past, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)
-            _sync(ids.device.type)
+            sync_device(ids.device.type)
             t0 = time.perf_counter()
             for _ in range(new_tokens):
                 out = model(input_ids=nxt, use_cache=True, **{cache_kw: past})
                 past, nxt = _cache_of(out), out.logits[:, -1:].argmax(-1)
-            _sync(ids.device.type)
+            sync_device(ids.device.type)
             rates.append(new_tokens / (time.perf_counter() - t0))
     return {"tokens_per_s": float(statistics.median(rates[1:])), "all_tokens_per_s": rates[1:],
             "new_tokens": new_tokens, "prompt_tokens": int(ids.shape[-1]), "threads": threads}

@@ -44,11 +44,10 @@ FFN_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_siz
 
 
 def is_hf(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
+    """Whether `model` is a Hugging Face `PreTrainedModel`, decided from its class hierarchy so that asking
+    about a torchvision or plain model never imports transformers (a ~2 s import)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(model).__mro__)
 
 
 def _is_config(obj) -> bool:

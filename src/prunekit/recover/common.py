@@ -6,7 +6,6 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional
 
-import torch
 import torch.nn as nn
 
 from prunekit.errors import ConfigError
@@ -48,12 +47,6 @@ def param_groups(student: nn.Module, weight_decay: float) -> List[Dict[str, Any]
     if not decay and not no_decay:
         raise ConfigError("recover(): the model has no trainable parameters (all requires_grad=False)")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def resolve_loss(cfg: Recover, teacher: Optional[nn.Module]) -> str:

@@ -8,13 +8,13 @@ steps as a 1-process run on the same batches (up to float summation order).
 from __future__ import annotations
 
 import os
-from typing import Any, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from prunekit.errors import ConfigError, InputTypeError
+from prunekit.errors import ConfigError
 
 
 def maybe_init_process_group() -> bool:
@@ -29,41 +29,6 @@ def maybe_init_process_group() -> bool:
         dist.init_process_group(backend=backend)
         return dist.get_world_size() > 1
     return False
-
-
-def rank_world() -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def batch_size_of(obj: Any) -> int:
-    """Number of examples in a batch-like object (tensor, list, tuple of those, dict of tensors)."""
-    if isinstance(obj, torch.Tensor):
-        return int(obj.shape[0])
-    if isinstance(obj, dict):
-        for v in obj.values():
-            if isinstance(v, (torch.Tensor, list)):
-                return batch_size_of(v)
-        raise ConfigError("cannot tell the batch size of a dict without tensors or lists")
-    if isinstance(obj, tuple):
-        return batch_size_of(obj[0])
-    if isinstance(obj, list):
-        return len(obj)
-    raise InputTypeError(f"cannot tell the batch size of a {type(obj).__name__}")
-
-
-def take(obj: Any, lo: int, hi: int) -> Any:
-    """Examples lo:hi of a batch-like object (same structure)."""
-    if isinstance(obj, (torch.Tensor, list)):
-        return obj[lo:hi]
-    if isinstance(obj, tuple):
-        return tuple(take(o, lo, hi) for o in obj)
-    if isinstance(obj, dict):
-        return {k: take(v, lo, hi) if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in obj.items()}
-    if obj is None:
-        return None
-    raise InputTypeError(f"cannot shard a {type(obj).__name__} across processes")
 
 
 def shard_bounds(n: int, rank: int, world: int) -> Tuple[int, int]:

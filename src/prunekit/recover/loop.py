@@ -10,12 +10,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from prunekit.batch import call_model, split_batch, to_device
+from prunekit.batch import batch_size_of, call_model, eval_mode, model_device, rank_world, split_batch, take, to_device
 from prunekit.data import load
 from prunekit.errors import CalibrationDataError, ConfigError, InputTypeError, RecoveryDiverged
 from prunekit.objective import logits_of, task_loss
 from prunekit.recover import distributed as D
-from prunekit.recover.common import RecoverResult, apply_lora, lr_at, model_device, param_groups, resolve_loss
+from prunekit.recover.common import RecoverResult, apply_lora, lr_at, param_groups, resolve_loss
 from prunekit.recover.losses import FeatureTap, feature_loss, kd_loss, make_projection
 from prunekit.recover.options import Recover
 from prunekit.recover.tokens import recover_tokens
@@ -122,7 +122,7 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
     batches = _as_sequence(data)
     mode = resolve_loss(cfg, teacher)
     distributed = D.maybe_init_process_group()
-    rank, world = D.rank_world()
+    rank, world = rank_world()
     device = torch.device(device) if device is not None else model_device(model)
 
     seed_everything(cfg.seed)
@@ -205,14 +205,11 @@ def _build_projections(student: _Student, teacher: nn.Module, t_tap: FeatureTap,
     """Run both models once (eval mode, no grad) to learn feature shapes and create the projections.
 
     Eval mode keeps BatchNorm running statistics untouched by this probe."""
-    was = student.model.training
-    student.model.eval()
-    with torch.no_grad():
+    with eval_mode(student.model), torch.no_grad():
         call_model(student.model, inputs)
         s_feats = student._tap[0].take()
         call_model(teacher, inputs)
         t_feats = t_tap.take()
-    student.model.train(was)
     for (s_name, t_name), s, t in zip(zip(student._tap[0].names, t_tap.names), s_feats, t_feats):
         student.projections.append(make_projection(s, t, f"model.{s_name} -> teacher.{t_name}"))
 
@@ -341,11 +338,11 @@ class _Loop:
         Parameters only change in optimizer.step(), which a non-finite loss/gradient skips, so "restore the
         last good weights" only has to put back buffers (BatchNorm statistics) the bad forward touched."""
         inputs, targets = split_batch(batch)
-        n_global = D.batch_size_of(inputs)
+        n_global = batch_size_of(inputs)
         scale = 1.0
         if self.distributed:
             lo, hi = D.shard_bounds(n_global, self.rank, self.world)
-            inputs, targets = D.take(inputs, lo, hi), D.take(targets, lo, hi)
+            inputs, targets = take(inputs, lo, hi), take(targets, lo, hi)
             scale = self.world * (hi - lo) / n_global         # DDP averages: sum_r (n_r / n) * loss_r
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         buffers = {k: b.detach().clone() for k, b in self.student.named_buffers()}

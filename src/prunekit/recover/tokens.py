@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from prunekit.batch import rank_world
 from prunekit.errors import ConfigError
 from prunekit.evaluate.core import evaluate
 from prunekit.objective import logits_of
@@ -63,7 +64,7 @@ class TokenLoop:
         self.model, self.teacher, self.stream, self.cfg, self.mode = model, teacher, stream, cfg, mode
         self.device, self.run_dir, self.eval_data, self.callback = device, run, eval_data, callback
         self.distributed = D.maybe_init_process_group()
-        self.rank, self.world = D.rank_world()
+        self.rank, self.world = rank_world()
         self.quiet = quiet or self.rank != 0 or not sys.stderr.isatty()
         self.tokens_per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accum
         self.total = max(1, math.ceil(cfg.tokens / self.tokens_per_step))

@@ -36,9 +36,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from prunekit.batch import rank_world
 from prunekit.errors import RunError
-from prunekit.io.atomic import (PathLike, atomic_write_json, atomic_write_text, honour_umask, save_safetensors_atomic,
-                                swap_in)
+from prunekit.io.atomic import PathLike, atomic_write_json, atomic_write_text, honour_umask, save_safetensors_atomic, swap_in
 
 # --------------------------------------------------------------------------------------------- state <-> files
 
@@ -116,13 +116,6 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------- run directory
 
 
-def _dist_rank_world() -> Tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _barrier() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -174,7 +167,7 @@ class Run:
     def __init__(self, path: PathLike, keep: int = 2):
         self.path = Path(path)
         self.keep = keep
-        self.rank, self.world = _dist_rank_world()
+        self.rank, self.world = rank_world()
         if self.rank == 0:
             (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         _barrier()

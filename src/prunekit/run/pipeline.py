@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -45,17 +44,20 @@ import torch.nn as nn
 import yaml
 
 from prunekit.api import PruneResult
-from prunekit.batch import split_batch
+from prunekit.batch import progress, split_batch
 from prunekit.config import Config, bounded, check_type, config_from_dict, register_config
 from prunekit.errors import ConfigError, RecoveryDiverged, RunError
 from prunekit.io.format import load, save
+from prunekit.measure.counts import count_params
+from prunekit.plan import Plan
 from prunekit.report.recorder import RunRecorder
 from prunekit.run.directory import Run, fingerprint, seed_everything
-from prunekit.run.schedule import Executor, GateFailed, Step, expand
+from prunekit.run.executor import Executor, GateFailed
+from prunekit.run.schedule import Step, expand
 from prunekit.sparse.masks import bake, masks, remask_from_zeros
 
 STAGE_KINDS = ("prune", "recover", "evaluate", "schedule")
-_STAGE_DEFAULT_TYPE = {"recover": "Recover", "evaluate": "Evaluate"}
+_STAGE_DEFAULT_TYPE = {"recover": "Recover", "evaluate": "EvalStage"}
 _STAGE_OPTIONS = {"prune": ("allocation",), "schedule": ("allocation",), "recover": (), "evaluate": ()}
 ALLOCATIONS = ("ratio", "sensitivity")
 
@@ -84,11 +86,6 @@ class Recipe(Config):
             raise ConfigError("Recipe.stages must be a non-empty list of stages, e.g. "
                               "[{prune: {type: Structured, ratio: 0.5}}, {recover: {epochs: 1}}]")
         self.stages = [normalize_stage(s, i) for i, s in enumerate(self.stages)]
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        d["stages"] = [{k: (v.to_dict() if isinstance(v, Config) else v) for k, v in s.items()} for s in self.stages]
-        return d
 
     def steps(self) -> List[Step]:
         out = []
@@ -226,12 +223,7 @@ class PipelineResult:
     run_dir: Path
     history: List[Dict[str, Any]]
     message: str = ""
-    plan: Optional[Dict[str, Any]] = None
-
-
-def _bar(total: int, initial: int, quiet: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="pipeline", disable=quiet or not sys.stderr.isatty())
+    plan: Optional[Plan] = None
 
 
 def _save_model(model: nn.Module, plan, path: Path) -> None:
@@ -239,7 +231,7 @@ def _save_model(model: nn.Module, plan, path: Path) -> None:
     if masks(model):
         model = copy.deepcopy(model)
         bake(model)
-    save(PruneResult(model=model, plan=plan or {"format": "prunekit.structured/1", "kept": {}, "attrs": []}), path)
+    save(PruneResult(model=model, plan=plan or Plan()), path)
 
 
 def _widths(original: nn.Module, model: nn.Module) -> List[Dict[str, Any]]:
@@ -292,27 +284,15 @@ def _execute(run: Run, model: nn.Module, recipe: Recipe, steps: List[Step], *, t
     ex = Executor(original, example_inputs=example_inputs, train=train, val=val, loss_fn=loss_fn,
                   calibration_batches=recipe.calibration_batches, quiet=quiet, distill=recipe.distill,
                   recover_dir=lambda i: str(out / f"recover-{i:03d}"), log=run.log)
-    start = 0
-    loaded = run.load_checkpoint() if resume else None
-    if loaded is not None:
-        weights, st = loaded
-        ex.load_state(st["executor"], weights)
-        start = st["next_step"]
-        if (out / "last_good").is_dir():
-            good_masked = list(st.get("last_good_masked") or [])
-            good = load(out / "last_good", model=copy.deepcopy(original))     # saved baked: masks come back
-            remask_from_zeros(good, good_masked)                                # from its zeros
-            ex.last_good = (good, st["last_good_plan"], good_masked)
-        else:
-            ex.last_good = (copy.deepcopy(original), None, [])
-        run.log(f"resume at step {start}/{len(steps)}")
-    else:
+    start = _restore(run, ex, out, len(steps)) if resume else None
+    if start is None:
+        start = 0
         ex.mark_good(-1)
         run.log(f"start: {len(steps)} steps")
     rec = RunRecorder(out, run={"name": out.name, **(describe or {}), "steps": [s.label for s in steps]})
     _record(rec, ex, original, recipe)
     status, message = "completed", ""
-    bar = _bar(len(steps), start, quiet)
+    bar = progress(desc="pipeline", quiet=quiet, total=len(steps), initial=start, leave=True)
     try:
         for i in range(start, len(steps)):
             if stop_after is not None and i >= stop_after:
@@ -340,21 +320,47 @@ def _execute(run: Run, model: nn.Module, recipe: Recipe, steps: List[Step], *, t
             run.log(f"step {i + 1}/{len(steps)} {step.label}: " + _fmt(values) + f" ({time.perf_counter() - t0:.1f}s)")
             if step.kind == "evaluate" and values.get("gate") == "passed":
                 _save_model(ex.model, ex.plan, out / "last_good")
-            run.save_checkpoint(i + 1, ex.model.state_dict(), None,
-                                {"next_step": i + 1, "executor": ex.state(),
-                                 "last_good_plan": ex.last_good[1] if ex.last_good else None,
-                                 "last_good_masked": list(ex.last_good[2]) if ex.last_good else []})
+            _checkpoint(run, ex, i + 1)
             _record(rec, ex, original, recipe)
             bar.update(1)
     finally:
         bar.close()
     _save_model(ex.model, ex.plan, out / "model")
-    rec.data["final"] = {"status": status, "message": message, "steps_done": len(ex.history)}
+    rec.data["final"] = {"status": status, "message": message, "steps_done": len(ex.history)}   # written by _record
     _record(rec, ex, original, recipe)
     if status == "completed":
         rec.finish()
     run.log(f"{status} {message}".rstrip())
     return PipelineResult(ex.model, status, out, ex.history, message, ex.plan)
+
+
+def _restore(run: Run, ex: Executor, out: Path, n_steps: int) -> Optional[int]:
+    """Load the latest checkpoint into `ex` (and its last good model); the index of the next step, or None
+    when the run has no checkpoint yet."""
+    loaded = run.load_checkpoint()
+    if loaded is None:
+        return None
+    weights, st = loaded
+    ex.load_state(st["executor"], weights)
+    if (out / "last_good").is_dir():
+        good_masked = list(st.get("last_good_masked") or [])
+        good = load(out / "last_good", model=copy.deepcopy(ex.original))     # saved baked: masks come back
+        remask_from_zeros(good, good_masked)                                   # from its zeros
+        plan = st.get("last_good_plan")
+        ex.last_good = (good, Plan.from_dict(plan, where="checkpoint last_good_plan") if plan else None, good_masked)
+    else:
+        ex.last_good = (copy.deepcopy(ex.original), None, [])
+    run.log(f"resume at step {st['next_step']}/{n_steps}")
+    return st["next_step"]
+
+
+def _checkpoint(run: Run, ex: Executor, next_step: int) -> None:
+    """Weights + executor state (plan, masks, history) + what the last good model was, atomically."""
+    good_plan = ex.last_good[1] if ex.last_good else None
+    run.save_checkpoint(next_step, ex.model.state_dict(), None,
+                        {"next_step": next_step, "executor": ex.state(),
+                         "last_good_plan": good_plan.to_dict() if good_plan is not None else None,
+                         "last_good_masked": list(ex.last_good[2]) if ex.last_good else []})
 
 
 def rebuild_from_checkpoint(run: Run, ex: Executor) -> nn.Module:
@@ -372,11 +378,8 @@ def _fmt(values: Dict[str, Any]) -> str:
 
 def _record(rec, ex: Executor, original: nn.Module, recipe: Recipe) -> None:
     """metrics.json in prunekit.report's format: one "steps" row per pruning step, summary rows, widths."""
-    rows, dense_q = [], None
-    for h in ex.history:
-        if h["kind"] == "evaluate":
-            dense_q = h["dense"]
-    params0 = sum(p.numel() for p in original.parameters())
+    rows = []
+    params0 = count_params(original)
     quality = None
     for h in ex.history:
         if h["kind"] == "evaluate":
@@ -388,7 +391,7 @@ def _record(rec, ex: Executor, original: nn.Module, recipe: Recipe) -> None:
         elif h["kind"] == "evaluate" and rows:
             rows[-1]["quality"] = h["value"]
     if rows:
-        rec.data["steps"] = rows
+        rec.set("steps", rows)
     evals = [h for h in ex.history if h["kind"] == "evaluate"]
     if evals:
         last = evals[-1]
@@ -398,7 +401,6 @@ def _record(rec, ex: Executor, original: nn.Module, recipe: Recipe) -> None:
             summary_rows[0]["latency_ms"] = last["dense_ms"]
             pruned["latency_ms"] = last["latency_ms"]
         summary_rows.append(pruned)
-        rec.data["summary"] = {"metric": last["metric"], "higher_is_better": last["metric"] != "perplexity",
-                               "batch_size": 16, "rows": summary_rows}
-    rec.data["widths"] = _widths(original, ex.model)
-    rec._write()
+        rec.set("summary", {"metric": last["metric"], "higher_is_better": last["metric"] != "perplexity",
+                            "batch_size": 16, "rows": summary_rows})
+    rec.set("widths", _widths(original, ex.model))

@@ -2,7 +2,8 @@
 
 algorithms  pure tensor functions (magnitude / Wanda / SparseGPT masks, input statistics, OWL)
 masks       masks as parametrizations, `bake`, `sparsity_stats`
-prune       the `Sparse` config and its handler
+config      the `Sparse` config and the choice of target layers
+prune       its handler: calibration passes, per-block allocation (OWL / sensitivity), the plan
 """
 from prunekit.sparse.algorithms import (
     InputStats,
@@ -17,6 +18,7 @@ from prunekit.sparse.algorithms import (
     wanda_scores,
 )
 from prunekit.sparse.masks import SparseMask, apply_mask, bake, masks, sparsity_stats
-from prunekit.sparse.prune import Sparse, prune_sparse, select_targets
+from prunekit.sparse.config import Sparse, select_targets
+from prunekit.sparse.prune import prune_sparse
 
 __all__ = ["InputStats", "magnitude_mask", "mask_from_scores", "outlier_ratio", "owl_block_sparsity", "parse_pattern", "pattern_sparsity", "sparsegpt_prune", "wanda_mask", "wanda_scores", "SparseMask", "apply_mask", "bake", "masks", "sparsity_stats", "Sparse", "prune_sparse", "select_targets"]

@@ -10,11 +10,10 @@ surgery      slice parameters and module attributes (the physical cut)
 cut          cut a copy, run it, auto-ignore modules whose code ties sizes
 handler      `pk.prune(model, Structured(...))`
 """
-from prunekit.structured.config import MACs, Params, Structured
+from prunekit.structured.config import MACs, Latency, Params, Structured
 from prunekit.structured.experts import Experts
 from prunekit.structured.handler import prune_structured
 from prunekit.structured.importance import Activation, BNScale, Fluctuation, Importance, Magnitude, Random, Taylor
-from prunekit.structured.latency import Latency
 from prunekit.structured.sensitivity import sensitivity_ratios
 
 __all__ = ["Experts", "MACs", "Params", "Structured", "Activation", "BNScale", "Fluctuation", "Importance", "Magnitude", "Random", "Taylor", "Latency", "sensitivity_ratios", "prune_structured"]

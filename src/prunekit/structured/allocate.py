@@ -47,12 +47,12 @@ def _group_ratio(g: Group, ratio) -> float:
     return min(found) if found else 0.0
 
 
-def _min_keep(g: Group, round_to: int) -> int:
+def min_keep(g: Group, round_to: int) -> int:
     """Fewest units a group may keep: at least one, and at least `round_to` channels."""
     return max(1, math.ceil(round_to / max(1, g.unit_size)))
 
 
-def _round_keep(g: Group, keep: int, round_to: int) -> int:
+def round_keep(g: Group, keep: int, round_to: int) -> int:
     """Round a keep-count up so that kept channels are a multiple of `round_to` (when the group allows)."""
     if round_to <= 1:
         return keep
@@ -111,7 +111,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
         removed_cnt = {g.index: 0 for g in graph.groups}
         cap = {}
         cap = {g.index: min(int(math.floor(cfg.max_ratio_per_layer * g.n_units)),
-                            g.n_units - _min_keep(g, cfg.round_to)) for g in graph.groups}
+                            g.n_units - min_keep(g, cfg.round_to)) for g in graph.groups}
         for s, gi in entries:
             if budget <= 0:
                 break
@@ -125,7 +125,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
             r = 0.0 if g.index in skip else min(_group_ratio(g, ratio), cfg.max_ratio_per_layer)
             n_rm = int(math.floor(r * g.n_units + 1e-9))
             keep = g.n_units - n_rm
-            mk = _min_keep(g, cfg.round_to)
+            mk = min_keep(g, cfg.round_to)
             if keep < mk:
                 if n_rm > 0:
                     clamped.append(g)
@@ -137,7 +137,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
     for g in graph.groups:
         if g.index in skip:
             continue
-        keep = _round_keep(g, max(keep_n[g.index], min(_min_keep(g, cfg.round_to), g.n_units)), cfg.round_to)
+        keep = round_keep(g, max(keep_n[g.index], min(min_keep(g, cfg.round_to), g.n_units)), cfg.round_to)
         if keep >= g.n_units:
             continue
         order = torch.argsort(scores[g.index], descending=True, stable=True)

@@ -1,4 +1,5 @@
-"""Config dataclasses of structured pruning: `Structured` and its resource targets `MACs` / `Params`."""
+"""What structured pruning removes and how much: the Structured config and its resource targets (MACs,
+Params, a measured Latency speedup)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ import math
 import re
 from typing import Callable, Dict, Optional, Sequence, Union
 
-from prunekit.config import Config, register_config
+from prunekit.config import Config, check_type, register_config
 from prunekit.errors import ConfigError
 
 
@@ -37,6 +38,66 @@ def _check_ratio(owner, name, r):
 
 
 IMPORTANCES = ("auto", "l1", "l2", "random")
+
+
+LATENCY_ALLOCATIONS = ("cost", "uniform")
+LATENCY_STATISTICS = ("median", "min")
+
+
+@register_config
+@dataclasses.dataclass
+class Latency(Config):
+    """Resource target: a measured speedup of the forward pass.
+
+    speedup:     requested dense latency / pruned latency (> 1).
+    batch_size:  batch the latency is measured at (the example inputs' rows are repeated to this size).
+    max_ratio:   most of any group that may be removed in pursuit of the target.
+    threads:     torch CPU threads while timing (pinned, restored after).
+    allocation:  "cost" (importance / measured latency cost per unit, HALP-style) or "uniform".
+    cost_weight: exponent of the cost in the priority (0 = ignore latency, pure importance ranking).
+    probe_ratio: fraction of a group removed when probing its latency cost.
+    tolerance:   relative error accepted on the speedup before the search stops.
+    reps/warmup: timing repetitions (interleaved) per measurement; the final check uses 3 x reps.
+    statistic:   "min" (default: steadiest on a shared, loaded machine, where medians swing by 2x) or "median".
+    """
+    speedup: float = 1.5
+    batch_size: int = 16
+    max_ratio: float = 0.9
+    threads: int = 1
+    allocation: str = "cost"
+    cost_weight: float = 0.5
+    probe_ratio: float = 0.5
+    tolerance: float = 0.03
+    reps: int = 15
+    warmup: int = 3
+    statistic: str = "min"
+    max_evals: int = 12
+
+    def __post_init__(self):
+        o = "Latency"
+        check_type(o, "speedup", self.speedup, (int, float), "a number > 1")
+        if not math.isfinite(self.speedup) or self.speedup <= 1.0:
+            raise ConfigError(f"{o}.speedup must be > 1 (dense latency / pruned latency), got {self.speedup!r}")
+        for name in ("batch_size", "threads", "reps", "max_evals"):
+            check_type(o, name, getattr(self, name), int, "a positive int")
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{o}.{name} must be >= 1, got {getattr(self, name)}")
+        check_type(o, "warmup", self.warmup, int, "an int >= 0")
+        for name in ("max_ratio", "probe_ratio"):
+            v = getattr(self, name)
+            check_type(o, name, v, (int, float), "a number in (0, 1)")
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"{o}.{name} must be in (0, 1), got {v!r}")
+        check_type(o, "tolerance", self.tolerance, (int, float), "a number in (0, 0.5)")
+        if not 0.0 < self.tolerance < 0.5:
+            raise ConfigError(f"{o}.tolerance must be in (0, 0.5), got {self.tolerance!r}")
+        check_type(o, "cost_weight", self.cost_weight, (int, float), "a number >= 0")
+        if self.cost_weight < 0:
+            raise ConfigError(f"{o}.cost_weight must be >= 0, got {self.cost_weight!r}")
+        if self.allocation not in LATENCY_ALLOCATIONS:
+            raise ConfigError(f"{o}.allocation must be one of {LATENCY_ALLOCATIONS}, got {self.allocation!r}")
+        if self.statistic not in LATENCY_STATISTICS:
+            raise ConfigError(f"{o}.statistic must be one of {LATENCY_STATISTICS}, got {self.statistic!r}")
 
 
 @register_config
@@ -116,7 +177,7 @@ class Structured(Config):
                 except re.error as e:
                     raise ConfigError(f"Structured.{field}: {pat!r} is not a valid regex ({e}); escape special "
                                       f"characters (re.escape) or fix the pattern") from None
-        if self.target is not None and not isinstance(self.target, (MACs, Params)) and not hasattr(self.target, "speedup"):
+        if self.target is not None and not isinstance(self.target, (MACs, Params, Latency)):
             raise ConfigError(f"Structured.target must be pk.MACs(...), pk.Params(...) or pk.Latency(...), "
                               f"got {self.target!r}")
 

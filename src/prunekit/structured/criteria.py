@@ -6,7 +6,7 @@ default, normalized per member so a large weight matrix does not drown a norm's 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,3 +74,76 @@ def magnitude_group_scores(group, tensors: Dict[str, torch.Tensor], p: int = 2,
 
 def random_scores(group, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     return torch.rand(group.n_units, generator=generator, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- combining members of a group
+
+AGGS = ("sum", "mean", "max")
+ChannelValues = Dict[Tuple[str, int], torch.Tensor]     # (tensor name, dim) -> one value per channel
+
+
+def aggregate(per_member: Sequence[torch.Tensor], agg: str = "sum") -> torch.Tensor:
+    """Combine per-member unit scores (each (n_units,)) into one score per unit: sum, mean or max."""
+    if not per_member:
+        raise ConfigError("aggregate(): no member scores to combine")
+    stacked = torch.stack([s.double() for s in per_member])
+    if agg == "sum":
+        return stacked.sum(0)
+    if agg == "mean":
+        return stacked.mean(0)
+    if agg == "max":
+        return stacked.max(0).values
+    raise ConfigError(f"aggregate(): agg must be one of {AGGS}, got {agg!r}")
+
+
+def combine(group, channel_values: ChannelValues, agg: str = "sum", norm: Optional[str] = "mean",
+            reduce: str = "sum") -> torch.Tensor:
+    """Per-unit scores of `group` from per-channel values of its members.
+
+    Each member (tensor name, dim) found in `channel_values` is reduced to units (`reduce` over the unit's
+    positions, e.g. the head_dim channels of one attention head), normalized per member (`norm`), then all
+    members are combined with `agg`. Members without values (buffers, tensors the criterion does not see)
+    are skipped; a group with none raises ValueError naming it."""
+    per = []
+    for m in group.members:
+        v = channel_values.get((m.name, m.dim))
+        if v is None:
+            continue
+        per.append(normalize(to_units(v.reshape(-1), m.pos, m.unit, group.n_units, reduce), norm))
+    if not per:
+        raise ConfigError(f"no scored tensor in {group.describe()}; this criterion cannot rank it")
+    return aggregate(per, agg)
+
+
+def magnitude_channel_values(group, tensors: Dict[str, torch.Tensor], p: int = 2) -> ChannelValues:
+    """(name, dim) -> sum |w|^p of every slice along dim, for the parameter members of `group`."""
+    return {(m.name, m.dim): channel_norms(tensors[m.name], m.dim, p)
+            for m in group.members if not m.is_buffer and m.name in tensors}
+
+
+def bn_scale_scores(group, tensors: Dict[str, torch.Tensor], bn_weights: Iterable[str], agg: str = "sum",
+                    norm: Optional[str] = None) -> Optional[torch.Tensor]:
+    """Network slimming (Liu et al. 2017): |gamma| of the BatchNorms on the group's channels.
+
+    `bn_weights` are the names of BatchNorm weight tensors in the model. Returns None if the group has no
+    BatchNorm (the caller decides on a fallback)."""
+    bn = set(bn_weights)
+    vals = {(m.name, m.dim): bn_scale(tensors[m.name]) for m in group.members if m.name in bn and m.dim == 0}
+    if not vals:
+        return None
+    return combine(group, vals, agg=agg, norm=norm)
+
+
+def apoz_to_importance(apoz: torch.Tensor) -> torch.Tensor:
+    """APoZ (Hu et al. 2016) is the fraction of zero (<= 0 before ReLU) activations of a channel: a channel
+    that is almost always zero carries little. Importance = 1 - APoZ, so higher still means keep."""
+    return 1.0 - apoz.double()
+
+
+def fluctuation_values(var: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """FLAP (An et al. 2024): a consumer's input channel j matters by how much it *varies*, weighted by the
+    squared norm of the weight column that reads it: Var(X_j) * ||W[:, j]||^2. A channel that is nearly
+    constant can be replaced by its mean, which bias compensation folds into the consumer's bias."""
+    return var.float() * weight.detach().float().pow(2).sum(0)
+
+

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from prunekit.batch import call_with_inputs
+from prunekit.batch import call_model, eval_mode
 from prunekit.errors import GraphError
 from prunekit.graph.groups import DependencyGraph
 from prunekit.graph.ops import tensors
@@ -82,7 +82,7 @@ def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> 
 
 def run_model(model, example_inputs):
     with torch.no_grad():
-        return call_with_inputs(model, example_inputs)
+        return call_model(model, example_inputs)
 
 
 def remove_units(model: nn.Module, graph: DependencyGraph, removed: Dict[int, torch.Tensor]):
@@ -164,8 +164,6 @@ def _validate(pruned, example_inputs, base_out, record: Dict, modules: bool = Fa
     for m in pruned.modules():
         hooks.append(m.register_forward_pre_hook(pre))
         hooks.append(m.register_forward_hook(post))
-    was = pruned.training
-    pruned.eval()
     try:
         new_out, record["modules"] = record_outputs(pruned, example_inputs, modules)
         record["out"] = new_out
@@ -173,7 +171,6 @@ def _validate(pruned, example_inputs, base_out, record: Dict, modules: bool = Fa
         feeders = _failing_op_feeders(pruned, example_inputs) if not stack[-1] else []
         return stack[-1], " ".join(f"{type(e).__name__}: {e}".split())[:300], feeders
     finally:
-        pruned.train(was)
         for h in hooks:
             h.remove()
     for a, b in zip(base_out, new_out):
@@ -208,12 +205,8 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
     auto_ignored: List[str] = []
     for attempt in range(attempts):
         if graph is None or attempt > 0:
-            was_training = model.training
-            model.eval()
-            try:
+            with eval_mode(model):
                 graph = DependencyGraph(model, example_inputs, ignore=ignore, gqa=gqa)
-            finally:
-                model.train(was_training)
         removed = choose(graph)
         pruned, kept, attrs = remove_units(model, graph, removed)
         record: Dict = {}

@@ -12,13 +12,15 @@ import torch.nn as nn
 
 from prunekit.api import PruneResult
 from prunekit.batch import check_example_inputs
-from prunekit.config import Config, register_handler
+from prunekit.config import register_handler
 from prunekit.errors import ConfigError
 from prunekit.graph.groups import DependencyGraph
+from prunekit.measure.counts import count_params
 from prunekit.models import hf
 from prunekit.nn import MultiheadAttention, convert_mha
+from prunekit.plan import Plan
 from prunekit.structured.allocate import allocate, allocate_for_target, group_scores
-from prunekit.structured.config import Structured, check_patterns_match
+from prunekit.structured.config import Latency, Structured, check_patterns_match
 from prunekit.structured.cut import cut_valid
 from prunekit.structured.importance import Taylor
 from prunekit.structured.latency import allocate_for_latency
@@ -27,8 +29,8 @@ from prunekit.structured.surgery import apply_kept
 
 @register_handler(Structured)
 def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, inplace: bool = False,
-                     graph: Optional[DependencyGraph] = None, data=None, verify: Optional[bool] = None,
-                     **_) -> PruneResult:
+                     graph: Optional[DependencyGraph] = None, data=None, verify: Optional[bool] = None
+                     ) -> PruneResult:
     if example_inputs is None:
         raise ConfigError("prune(model, Structured(...)) needs example_inputs=: a tensor, tuple or dict of "
                           "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
@@ -54,7 +56,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         info["t_graph"] = time.perf_counter() - t0
         sc = group_scores(g, cfg, {**g.params, **g.buffers})
         skip = () if prune_hidden else hf.hidden_group_indices(g, model)
-        if cfg.target is not None and hasattr(cfg.target, "speedup"):
+        if isinstance(cfg.target, Latency):
             rm, lat = allocate_for_latency(model, g, sc, cfg, example_inputs)
             info["lat"] = lat
             return {k: v for k, v in rm.items() if k not in skip}
@@ -67,7 +69,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
     graph, removed, pruned, kept, attrs = cut.graph, cut.removed, cut.pruned, cut.kept, cut.attrs
     ignore, auto_ignored, lat_info, t_graph = cut.ignore, cut.auto_ignored, info.get("lat"), info["t_graph"]
     t_alloc = t_graph
-    macs_before, params_before = graph.macs(), sum(p.numel() for p in original.parameters())
+    macs_before, params_before = graph.macs(), count_params(original)
     macs_after = graph.macs(removed)
     added_bias: List[str] = []
     if hasattr(cfg.importance, "compensate"):       # FLAP-style bias compensation for the removed channels
@@ -83,20 +85,17 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
         model.load_state_dict(pruned.state_dict())   # the validated copy may carry compensated biases
         pruned = model
     t_surgery = time.perf_counter() - t0
-    plan = {
-        "format": "prunekit.structured/1",
-        "config": _safe_dict(cfg),
-        "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()},
-        "attrs": attrs,
-        **({"convert_mha": converted} if converted else {}),
-        **({"add_bias": added_bias} if added_bias else {}),
-        **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__, "hf_config_exact": hf.config_expresses(pruned, pruned.config) and not added_bias}
-           if hf_model else {}),
-        "groups": [{"index": g.index, "units": g.n_units, "unit_size": g.unit_size,
-                    "kept": int(g.n_units - int(removed[g.index].sum())) if g.index in removed else g.n_units,
-                    "modules": g.modules[:8]} for g in graph.groups],
-    }
-    stats = {"params_before": params_before, "params_after": sum(p.numel() for p in pruned.parameters()),
+    plan = Plan(
+        kind="structured", config=cfg.to_dict(callables="repr"),
+        kept={n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()}, attrs=[list(a) for a in attrs],
+        convert_mha=converted, add_bias=added_bias,
+        groups=[{"index": g.index, "units": g.n_units, "unit_size": g.unit_size,
+                 "kept": int(g.n_units - int(removed[g.index].sum())) if g.index in removed else g.n_units,
+                 "modules": g.modules[:8]} for g in graph.groups])
+    if hf_model:
+        plan.hf_base_config, plan.hf_class = base_config.to_dict(), type(model).__name__
+        plan.hf_config_exact = hf.config_expresses(pruned, pruned.config) and not added_bias
+    stats = {"params_before": params_before, "params_after": count_params(pruned),
              "macs_before": macs_before, "macs_after": macs_after, "groups": len(graph.groups),
              "groups_pruned": len(removed), "time_graph_s": t_graph, "time_alloc_s": t_alloc - t_graph,
              "time_total_s": t_surgery, "auto_ignored": auto_ignored,
@@ -135,14 +134,3 @@ def resolve_auto_importance(model: nn.Module, cfg: Structured, data):
         return cfg, msg
     batches = [_with_labels(b) for b in data]
     return dataclasses.replace(cfg, importance=Taylor(data=batches, batches=len(batches))), None
-
-
-def _safe_dict(cfg):
-    try:
-        return cfg.to_dict()
-    except ConfigError:
-        d = {"type": type(cfg).__name__}
-        for f in dataclasses.fields(cfg):
-            v = getattr(cfg, f.name)
-            d[f.name] = repr(v) if callable(v) else (v.to_dict() if isinstance(v, Config) else v)
-        return d

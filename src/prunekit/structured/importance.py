@@ -8,11 +8,12 @@
 Every criterion is two layers:
 
 * a *pure function* from per-member channel values to per-unit scores (`combine`, `bn_scale_scores`,
-  `apoz_to_importance`, ...), unit-tested on hand-computed cases;
+  `apoz_to_importance`, ... in structured/criteria.py), unit-tested on hand-computed cases;
 * a *callable config* `(group, tensors) -> scores` that gathers what the function needs. Data-aware
   criteria (Taylor, Activation) need the model: `prepare(model, graph)` runs the calibration batches once
-  (gradients or forward hooks) and caches per-tensor channel values, keyed by tensor *name*, so a graph that
-  is re-traced (structured pruning re-traces when it auto-ignores modules) still finds them.
+  (gradients or forward hooks: the collectors in structured/statistics.py) and caches per-tensor channel
+  values, keyed by tensor *name*, so a graph that is re-traced (structured pruning re-traces when it
+  auto-ignores modules) still finds them.
 
 Scores are combined over the members of a group with `agg` ("sum" | "mean" | "max") after a per-member
 (`norm`: "mean" | "max" | "sum" | None) normalization, so a wide consumer matrix does not drown the
@@ -26,179 +27,28 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from prunekit.batch import _bar, call_model, split_batch
 from prunekit.config import Config, check_type, config_from_dict, register_config
 from prunekit.errors import ConfigError
-from prunekit.objective import _calibration_batches, batch_loss
+from prunekit.objective import calibration_batches
 from prunekit.structured import criteria as S
+from prunekit.structured.criteria import (
+    AGGS,
+    ChannelValues,
+    apoz_to_importance,
+    bn_scale_scores,
+    combine,
+    fluctuation_values,
+    magnitude_channel_values,
+)
+from prunekit.structured.statistics import accumulate_taylor, collect_activations, collect_input_moments
 
-AGGS = ("sum", "mean", "max")
 NORMS = ("mean", "max", "sum", None)
 ACTIVATION_KINDS = ("mean", "apoz")
-
-ChannelValues = Dict[Tuple[str, int], torch.Tensor]     # (tensor name, dim) -> one value per channel
-
-
-# --------------------------------------------------------------------------------------------- pure functions
-
-
-def aggregate(per_member: Sequence[torch.Tensor], agg: str = "sum") -> torch.Tensor:
-    """Combine per-member unit scores (each (n_units,)) into one score per unit: sum, mean or max."""
-    if not per_member:
-        raise ConfigError("aggregate(): no member scores to combine")
-    stacked = torch.stack([s.double() for s in per_member])
-    if agg == "sum":
-        return stacked.sum(0)
-    if agg == "mean":
-        return stacked.mean(0)
-    if agg == "max":
-        return stacked.max(0).values
-    raise ConfigError(f"aggregate(): agg must be one of {AGGS}, got {agg!r}")
-
-
-def combine(group, channel_values: ChannelValues, agg: str = "sum", norm: Optional[str] = "mean",
-            reduce: str = "sum") -> torch.Tensor:
-    """Per-unit scores of `group` from per-channel values of its members.
-
-    Each member (tensor name, dim) found in `channel_values` is reduced to units (`reduce` over the unit's
-    positions, e.g. the head_dim channels of one attention head), normalized per member (`norm`), then all
-    members are combined with `agg`. Members without values (buffers, tensors the criterion does not see)
-    are skipped; a group with none raises ValueError naming it."""
-    per = []
-    for m in group.members:
-        v = channel_values.get((m.name, m.dim))
-        if v is None:
-            continue
-        per.append(S.normalize(S.to_units(v.reshape(-1), m.pos, m.unit, group.n_units, reduce), norm))
-    if not per:
-        raise ConfigError(f"no scored tensor in {group.describe()}; this criterion cannot rank it")
-    return aggregate(per, agg)
-
-
-def magnitude_channel_values(group, tensors: Dict[str, torch.Tensor], p: int = 2) -> ChannelValues:
-    """(name, dim) -> sum |w|^p of every slice along dim, for the parameter members of `group`."""
-    return {(m.name, m.dim): S.channel_norms(tensors[m.name], m.dim, p)
-            for m in group.members if not m.is_buffer and m.name in tensors}
-
-
-def bn_scale_scores(group, tensors: Dict[str, torch.Tensor], bn_weights: Iterable[str], agg: str = "sum",
-                    norm: Optional[str] = None) -> Optional[torch.Tensor]:
-    """Network slimming (Liu et al. 2017): |gamma| of the BatchNorms on the group's channels.
-
-    `bn_weights` are the names of BatchNorm weight tensors in the model. Returns None if the group has no
-    BatchNorm (the caller decides on a fallback)."""
-    bn = set(bn_weights)
-    vals = {(m.name, m.dim): S.bn_scale(tensors[m.name]) for m in group.members if m.name in bn and m.dim == 0}
-    if not vals:
-        return None
-    return combine(group, vals, agg=agg, norm=norm)
-
-
-def apoz_to_importance(apoz: torch.Tensor) -> torch.Tensor:
-    """APoZ (Hu et al. 2016) is the fraction of zero (<= 0 before ReLU) activations of a channel: a channel
-    that is almost always zero carries little. Importance = 1 - APoZ, so higher still means keep."""
-    return 1.0 - apoz.double()
-
-
-def channel_dim(module: nn.Module, out: torch.Tensor) -> int:
-    """Which dim of a producer module's output holds its channels: dim 1 for conv/batch-norm style modules
-    on (B, C, ...) tensors, the last dim for linear/layer-norm/embedding style modules."""
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                           nn.modules.instancenorm._InstanceNorm)) and out.dim() >= 2:
-        return 1
-    return out.dim() - 1
-
-
-def activation_stats(out: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(sum |a|, count of a <= 0, number of values) per channel of one output tensor along `dim`."""
-    a = out.detach().float().movedim(dim, -1).reshape(-1, out.shape[dim])
-    return a.abs().sum(0).double(), (a <= 0).sum(0).double(), a.shape[0]
-
-
-def accumulate_taylor(model: nn.Module, batches: list, wanted: Iterable[Tuple[str, int]],
-                      loss_fn: Optional[Callable] = None, quiet: bool = True) -> ChannelValues:
-    """Sum over batches of |sum over each channel slice of w * dL/dw| for every (param name, dim) wanted.
-
-    Runs in eval mode (BatchNorm uses and keeps its running statistics: calibration must not change the
-    model) with gradients on; parameter .grad fields are restored to what they were."""
-    params = dict(model.named_parameters())
-    wanted = [(n, d) for n, d in dict.fromkeys(wanted) if n in params]
-    saved = {n: p.grad for n, p in params.items()}
-    req = {n: p.requires_grad for n, p in params.items()}
-    acc: ChannelValues = {}
-    was = model.training
-    model.eval()
-    try:
-        for n, p in params.items():
-            p.grad = None
-            p.requires_grad_(True)
-        for b in _bar(batches, "taylor calibration", quiet):
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss = batch_loss(model, b, loss_fn)
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"Taylor importance: the calibration loss is {float(loss)}; check the data")
-                loss.backward()
-            for n, d in wanted:
-                g = params[n].grad
-                if g is None:
-                    continue
-                v = S.taylor(params[n], g, d).double()
-                acc[(n, d)] = acc[(n, d)] + v if (n, d) in acc else v
-    finally:
-        model.train(was)
-        for n, p in params.items():
-            p.grad = saved[n]
-            p.requires_grad_(req[n])
-    return acc
-
-
-def _run_hooked(model: nn.Module, batches: list, hooks: list, desc: str, quiet: bool) -> None:
-    """Run the calibration batches in eval mode without gradients so `hooks` see them; always remove the
-    hooks and restore the training mode."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b in _bar(batches, desc, quiet):
-                call_model(model, split_batch(b)[0])
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-
-
-def collect_activations(model: nn.Module, batches: list, modules: Iterable[str], quiet: bool = True
-                        ) -> Dict[str, Dict[str, torch.Tensor]]:
-    """{module name: {"mean_abs": per-channel mean |output|, "apoz": per-channel fraction of outputs <= 0}}
-    from forward hooks, in eval mode without gradients."""
-    sums: Dict[str, list] = {}
-    hooks = []
-
-    def hook_for(name):
-        def hook(mod, args, out):
-            if not isinstance(out, torch.Tensor):
-                return
-            s_abs, s_zero, n = activation_stats(out, channel_dim(mod, out))
-            if name in sums:
-                sums[name][0] += s_abs
-                sums[name][1] += s_zero
-                sums[name][2] += n
-            else:
-                sums[name] = [s_abs, s_zero, n]
-        return hook
-
-    mods = dict(model.named_modules())
-    for name in dict.fromkeys(modules):
-        if name in mods:
-            hooks.append(mods[name].register_forward_hook(hook_for(name)))
-    _run_hooked(model, batches, hooks, "activation calibration", quiet)
-    return {k: {"mean_abs": a / n, "apoz": z / n} for k, (a, z, n) in sums.items()}
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -217,15 +67,6 @@ class Importance(Config):
     Fields named in `_runtime` (calibration data, loss functions) are not part of the YAML form; a recipe
     attaches the run's calibration data with `bind`."""
     _runtime: Tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        out = {"type": type(self).__name__}
-        for f in dataclasses.fields(self):
-            if f.name in self._runtime:
-                continue
-            v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, Config) else v
-        return out
 
     def prepare(self, model: nn.Module, graph) -> None:
         """Gather what scoring needs from `model` (no-op for data-free criteria)."""
@@ -347,7 +188,7 @@ class Taylor(Importance):
             return                                   # already calibrated on this very graph
         self._graph_id = id(graph)
         wanted = [(m.name, m.dim) for g in graph.groups for m in g.members if not m.is_buffer]
-        self._values = accumulate_taylor(model, _calibration_batches(self.data, self.batches), wanted,
+        self._values = accumulate_taylor(model, calibration_batches(self.data, self.batches), wanted,
                                          self.loss_fn, self.quiet)
 
     def __call__(self, group, tensors):
@@ -386,7 +227,7 @@ class Activation(Importance):
             return                                   # already calibrated on this very graph
         self._graph_id = id(graph)
         mods = [p for g in graph.groups for p in g.producers]
-        self._stats = collect_activations(model, _calibration_batches(self.data, self.batches), mods, self.quiet)
+        self._stats = collect_activations(model, calibration_batches(self.data, self.batches), mods, self.quiet)
 
     def channel_values(self, group) -> ChannelValues:
         """(producer weight name, 0) -> per-channel statistic of that producer's output."""
@@ -410,41 +251,6 @@ class Activation(Importance):
         if not vals:
             return combine(group, magnitude_channel_values(group, tensors, 2), self.agg, self.norm)
         return combine(group, vals, self.agg, self.norm)
-
-
-def fluctuation_values(var: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """FLAP (An et al. 2024): a consumer's input channel j matters by how much it *varies*, weighted by the
-    squared norm of the weight column that reads it: Var(X_j) * ||W[:, j]||^2. A channel that is nearly
-    constant can be replaced by its mean, which bias compensation folds into the consumer's bias."""
-    return var.float() * weight.detach().float().pow(2).sum(0)
-
-
-def collect_input_moments(model: nn.Module, batches: list, modules: Iterable[str], quiet: bool = True
-                          ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (mean, variance)} of every input channel (last dim) of the named Linear modules."""
-    acc: Dict[str, list] = {}
-    hooks = []
-
-    def hook_for(name):
-        def hook(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()       # (tokens, in_features)
-            s = acc.setdefault(name, [0, torch.zeros(x.shape[1], dtype=torch.float64),
-                                      torch.zeros(x.shape[1], dtype=torch.float64)])
-            s[0] += x.shape[0]
-            s[1] += x.sum(0)
-            s[2] += x.pow(2).sum(0)
-        return hook
-
-    mods = dict(model.named_modules())
-    for name in dict.fromkeys(modules):
-        if isinstance(mods.get(name), nn.Linear):
-            hooks.append(mods[name].register_forward_pre_hook(hook_for(name)))
-    _run_hooked(model, batches, hooks, "fluctuation calibration", quiet)
-    out = {}
-    for k, (n, s1, s2) in acc.items():
-        mean = s1 / max(n, 1)
-        out[k] = (mean.float(), (s2 / max(n, 1) - mean.pow(2)).clamp_min(0).float())
-    return out
 
 
 @register_config
@@ -479,7 +285,7 @@ class Fluctuation(Importance):
             return
         self._graph_id = id(graph)
         mods = [m.name.rpartition(".")[0] for g in graph.groups for m in self._consumers(graph, g)]
-        self._moments = collect_input_moments(model, _calibration_batches(self.data, self.batches), mods,
+        self._moments = collect_input_moments(model, calibration_batches(self.data, self.batches), mods,
                                               self.quiet)
         self._graph = graph
 

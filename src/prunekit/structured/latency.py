@@ -23,7 +23,6 @@ deterministic fake and the logic is tested without timing assertions.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
@@ -31,74 +30,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from prunekit.batch import _bar
-from prunekit.config import Config, check_type, register_config
-from prunekit.errors import ConfigError
-from prunekit.measure.latency import _first_dim, make_batch, measure_latency
+from prunekit.batch import batch_size_of, eval_mode, progress, repeat_to_batch
+from prunekit.measure.latency import measure_latency
 from prunekit.structured import criteria as S
-from prunekit.structured.allocate import _min_keep, _round_keep, allocate
+from prunekit.structured.allocate import allocate, min_keep, round_keep
+from prunekit.structured.config import Latency
 from prunekit.structured.cut import remove_units
 
-ALLOCATIONS = ("cost", "uniform")
-STATISTICS = ("median", "min")
-
 Timer = Callable[[Dict[str, nn.Module], object], Dict[str, float]]
-
-
-@register_config
-@dataclasses.dataclass
-class Latency(Config):
-    """Resource target: a measured speedup of the forward pass.
-
-    speedup:     requested dense latency / pruned latency (> 1).
-    batch_size:  batch the latency is measured at (the example inputs' rows are repeated to this size).
-    max_ratio:   most of any group that may be removed in pursuit of the target.
-    threads:     torch CPU threads while timing (pinned, restored after).
-    allocation:  "cost" (importance / measured latency cost per unit, HALP-style) or "uniform".
-    cost_weight: exponent of the cost in the priority (0 = ignore latency, pure importance ranking).
-    probe_ratio: fraction of a group removed when probing its latency cost.
-    tolerance:   relative error accepted on the speedup before the search stops.
-    reps/warmup: timing repetitions (interleaved) per measurement; the final check uses 3 x reps.
-    statistic:   "min" (default: steadiest on a shared, loaded machine, where medians swing by 2x) or "median".
-    """
-    speedup: float = 1.5
-    batch_size: int = 16
-    max_ratio: float = 0.9
-    threads: int = 1
-    allocation: str = "cost"
-    cost_weight: float = 0.5
-    probe_ratio: float = 0.5
-    tolerance: float = 0.03
-    reps: int = 15
-    warmup: int = 3
-    statistic: str = "min"
-    max_evals: int = 12
-
-    def __post_init__(self):
-        o = "Latency"
-        check_type(o, "speedup", self.speedup, (int, float), "a number > 1")
-        if not math.isfinite(self.speedup) or self.speedup <= 1.0:
-            raise ConfigError(f"{o}.speedup must be > 1 (dense latency / pruned latency), got {self.speedup!r}")
-        for name in ("batch_size", "threads", "reps", "max_evals"):
-            check_type(o, name, getattr(self, name), int, "a positive int")
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{o}.{name} must be >= 1, got {getattr(self, name)}")
-        check_type(o, "warmup", self.warmup, int, "an int >= 0")
-        for name in ("max_ratio", "probe_ratio"):
-            v = getattr(self, name)
-            check_type(o, name, v, (int, float), "a number in (0, 1)")
-            if not 0.0 < v < 1.0:
-                raise ConfigError(f"{o}.{name} must be in (0, 1), got {v!r}")
-        check_type(o, "tolerance", self.tolerance, (int, float), "a number in (0, 0.5)")
-        if not 0.0 < self.tolerance < 0.5:
-            raise ConfigError(f"{o}.tolerance must be in (0, 0.5), got {self.tolerance!r}")
-        check_type(o, "cost_weight", self.cost_weight, (int, float), "a number >= 0")
-        if self.cost_weight < 0:
-            raise ConfigError(f"{o}.cost_weight must be >= 0, got {self.cost_weight!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"{o}.allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.statistic not in STATISTICS:
-            raise ConfigError(f"{o}.statistic must be one of {STATISTICS}, got {self.statistic!r}")
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -116,7 +55,7 @@ def measured_timer(threads: int = 1, reps: int = 15, warmup: int = 3, statistic:
 
 
 def _batch_of(inputs) -> int:
-    return int(_first_dim(inputs))
+    return batch_size_of(inputs)
 
 
 def speedup_of(timer: Timer, base: nn.Module, cand: nn.Module, inputs) -> Tuple[float, Dict[str, float]]:
@@ -198,8 +137,8 @@ def _caps(graph, cfg, lat: Latency) -> Dict[int, int]:
     caps = {}
     limit = min(lat.max_ratio, cfg.max_ratio_per_layer)
     for g in graph.groups:
-        keep = max(g.n_units - int(math.floor(limit * g.n_units + 1e-9)), _min_keep(g, cfg.round_to))
-        keep = _round_keep(g, min(keep, g.n_units), cfg.round_to)
+        keep = max(g.n_units - int(math.floor(limit * g.n_units + 1e-9)), min_keep(g, cfg.round_to))
+        keep = round_keep(g, min(keep, g.n_units), cfg.round_to)
         caps[g.index] = max(0, g.n_units - keep)
     return caps
 
@@ -211,7 +150,7 @@ def _apply_round_to(graph, removed: Dict[int, torch.Tensor], scores, round_to: i
     out = {}
     for gi, mask in removed.items():
         g = graph.groups[gi]
-        keep = _round_keep(g, int((~mask).sum()), round_to)
+        keep = round_keep(g, int((~mask).sum()), round_to)
         if keep >= g.n_units:
             continue
         order = torch.argsort(torch.where(mask, scores[gi], torch.full_like(scores[gi], math.inf)), descending=True,
@@ -226,7 +165,7 @@ def probe_costs(model: nn.Module, graph, scores, probe_ratio: float, caps: Dict[
                 inputs, quiet: bool = True) -> Dict[int, float]:
     """{group: seconds saved per removed unit} from timing the model with each group alone cut."""
     costs = {}
-    for g in _bar(graph.groups, "latency probes", quiet):
+    for g in progress(graph.groups, "latency probes", quiet):
         n = min(caps[g.index], max(1, int(round(probe_ratio * g.n_units))))
         if n <= 0:
             continue
@@ -254,42 +193,10 @@ def allocate_for_latency(model: nn.Module, graph, scores: Dict[int, torch.Tensor
         timer = measured_timer(lat.threads, lat.reps, lat.warmup, lat.statistic)
         final_timer = final_timer or measured_timer(lat.threads, 3 * lat.reps, lat.warmup, lat.statistic)
     final_timer = final_timer or timer
-    inputs = make_batch(example_inputs, lat.batch_size)
-    was = model.training
-    model.eval()
-    try:
-        caps = _caps(graph, cfg, lat)
-        sizes = {g.index: g.n_units for g in graph.groups}
-        costs: Dict[int, float] = {}
-        if lat.allocation == "cost":
-            costs = probe_costs(model, graph, scores, lat.probe_ratio, caps, timer, inputs, quiet)
-            order = unit_priorities(scores, costs, sizes, lat.cost_weight)
-
-            def removal(k):
-                return _apply_round_to(graph, removal_from_order(order, k, caps, sizes), scores, cfg.round_to)
-            hi = sum(caps.values())
-        else:
-            steps = 200
-            limit = min(lat.max_ratio, cfg.max_ratio_per_layer)
-
-            def removal(k):
-                return allocate(graph, scores, cfg, ratio=limit * k / steps, warn=False)
-            hi = steps
-
-        cache: Dict[int, float] = {}
-
-        def speedup_at(k: int) -> float:
-            if k not in cache:
-                pruned, _, _ = remove_units(model, graph, removal(k))
-                cache[k] = speedup_of(timer, model, pruned, inputs)[0]
-            return cache[k]
-
-        count, _, history, reached = bisect_count(speedup_at, hi, lat.speedup, lat.tolerance, lat.max_evals)
-        removed = removal(count)
-        pruned, _, _ = remove_units(model, graph, removed)
-        achieved, t = speedup_of(final_timer, model, pruned, inputs)
-    finally:
-        model.train(was)
+    inputs = repeat_to_batch(example_inputs, lat.batch_size)
+    with eval_mode(model):
+        removed, achieved, t, history, reached, costs = _search(model, graph, scores, cfg, timer, final_timer,
+                                                                inputs, quiet)
     reached = reached and achieved >= lat.speedup * (1 - 2 * lat.tolerance)
     info = {"latency_requested": float(lat.speedup), "latency_achieved": float(achieved),
             "latency_reached": bool(reached), "latency_dense_ms": t["dense"] * 1e3,
@@ -304,3 +211,39 @@ def allocate_for_latency(model: nn.Module, graph, scores: Dict[int, torch.Tensor
         info["latency_message"] = msg
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
     return removed, info
+
+
+def _search(model, graph, scores, cfg, timer, final_timer, inputs, quiet):
+    """Bisect the number of removed units until the measured speedup meets `cfg.target.speedup`."""
+    lat: Latency = cfg.target
+    caps = _caps(graph, cfg, lat)
+    sizes = {g.index: g.n_units for g in graph.groups}
+    costs: Dict[int, float] = {}
+    if lat.allocation == "cost":
+        costs = probe_costs(model, graph, scores, lat.probe_ratio, caps, timer, inputs, quiet)
+        order = unit_priorities(scores, costs, sizes, lat.cost_weight)
+
+        def removal(k):
+            return _apply_round_to(graph, removal_from_order(order, k, caps, sizes), scores, cfg.round_to)
+        hi = sum(caps.values())
+    else:
+        steps = 200
+        limit = min(lat.max_ratio, cfg.max_ratio_per_layer)
+
+        def removal(k):
+            return allocate(graph, scores, cfg, ratio=limit * k / steps, warn=False)
+        hi = steps
+
+    cache: Dict[int, float] = {}
+
+    def speedup_at(k: int) -> float:
+        if k not in cache:
+            pruned, _, _ = remove_units(model, graph, removal(k))
+            cache[k] = speedup_of(timer, model, pruned, inputs)[0]
+        return cache[k]
+
+    count, _, history, reached = bisect_count(speedup_at, hi, lat.speedup, lat.tolerance, lat.max_evals)
+    removed = removal(count)
+    pruned, _, _ = remove_units(model, graph, removed)
+    achieved, t = speedup_of(final_timer, model, pruned, inputs)
+    return removed, achieved, t, history, reached, costs

@@ -8,9 +8,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from prunekit.batch import _bar
+from prunekit.batch import progress
 from prunekit.graph.groups import DependencyGraph
-from prunekit.objective import _calibration_batches, mean_loss
+from prunekit.objective import calibration_batches, mean_loss
 from prunekit.structured.allocate import group_scores
 from prunekit.structured.config import Structured
 from prunekit.structured.cut import remove_units
@@ -28,7 +28,7 @@ def inverse_sensitivity_ratios(sens: Sequence[float], sizes: Sequence[int], rati
     pos = [v for v in s if v > 0]
     eps = eps if eps is not None else (0.05 * sum(pos) / len(pos) if pos else 1.0)
     w = [1.0 / (v + eps) for v in s]
-    total, budget = float(sum(sizes)), ratio * float(sum(sizes))
+    budget = ratio * float(sum(sizes))
     if budget <= 0:
         return [0.0] * len(s)
 
@@ -57,10 +57,10 @@ def measure_sensitivity(model: nn.Module, graph, scores: Dict[int, torch.Tensor]
                         ) -> Dict[int, float]:
     """{group index: calibration-loss increase when only that group loses `ratio` of its lowest-scored
     units}. Each probe cuts a copy of the model (real surgery, so any architecture the graph handles works)."""
-    cal = _calibration_batches(data, batches)
+    cal = calibration_batches(data, batches)
     base = mean_loss(model, cal, loss_fn)
     out = {}
-    for g in _bar(graph.groups, "sensitivity", quiet):
+    for g in progress(graph.groups, "sensitivity", quiet):
         n_rm = min(g.n_units - 1, int(math.floor(ratio * g.n_units + 1e-9)))
         if n_rm <= 0 or group_key(g) is None:
             continue

@@ -43,11 +43,9 @@ def _index(t: torch.Tensor, dims: Dict[int, list]) -> torch.Tensor:
 
 def apply_kept(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], attrs: Sequence[Tuple[str, str, int]] = ()):
     """Slice every tensor named in `kept` ({name: {dim: kept indices}}) in place and fix module attributes."""
-    old_shapes = {n: tuple(t.shape) for _, _, n, t, _ in _owners(model)}
     conv_old = {name: (m.in_channels, m.out_channels, m.groups) for name, m in model.named_modules()
                 if isinstance(m, nn.modules.conv._ConvNd)}
     # tensors are identified by object so that tied parameters are sliced once and stay tied
-    by_obj: Dict[int, torch.Tensor] = {}
     name_of = {}
     for mod, attr, qname, t, is_buf in _owners(model):
         name_of.setdefault(id(t), qname)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from prunekit.batch import call_with_inputs
+from prunekit.batch import call_model
 from prunekit.errors import VerificationError
 
 # stop keeping per-module outputs of the pruned run beyond this many bytes (the model output is always kept)
@@ -185,11 +185,11 @@ def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Tu
     `verify_cut`."""
     if not modules:
         with torch.no_grad():
-            return tensors_of(call_with_inputs(model, example_inputs)), {}
+            return tensors_of(call_model(model, example_inputs)), {}
     rec = _Keep(model)
     try:
         with torch.no_grad():
-            out = tensors_of(call_with_inputs(model, example_inputs))
+            out = tensors_of(call_model(model, example_inputs))
     finally:
         rec.remove()
     return out, rec.outputs
@@ -207,7 +207,7 @@ def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_
     cmp = _Compare(model, pruned_modules)
     try:
         with removed_slices_zeroed(model, kept), torch.no_grad():
-            dense_out = tensors_of(call_with_inputs(model, example_inputs))
+            dense_out = tensors_of(call_model(model, example_inputs))
     finally:
         cmp.remove()
         model.train(was)
