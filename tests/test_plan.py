@@ -46,8 +46,7 @@ def test_directory_saved_before_the_plan_class_still_loads(tmp_path):
            "config": res.config.to_dict(), "kept": res.plan.kept, "attrs": res.plan.attrs,
            "groups": res.plan.groups}
     (tmp_path / "plan.json").write_text(json.dumps(old))
-    (tmp_path / "prunekit.json").unlink()                         # its checksum was of the new plan.json
-    again = pk.load(tmp_path, model=TwoLinear())
+    again = pk.load(tmp_path, model=TwoLinear(), verify=False)     # the manifest's checksum is of the new file
     x = torch.randn(5, 6)
     torch.testing.assert_close(again(x), res.model(x))
 
