@@ -29,8 +29,10 @@ from prunekit.api import PruneResult
 from prunekit.batch import as_batches, call_batch
 from prunekit.config import Config, register_config, register_handler
 from prunekit.errors import CalibrationDataError, ConfigError, GraphError
+from prunekit.measure.counts import count_params
 from prunekit.models import hf
 from prunekit.models.moe import MoEBlock, RoutingStats, find_moe_blocks, moe_attr_updates, routing_stats, stacked_param
+from prunekit.plan import Plan
 from prunekit.structured.surgery import apply_kept
 
 
@@ -137,7 +139,7 @@ def _check_width(model, pruned, kept, blocks, cfg, data):
 
 
 @register_handler(Experts)
-def prune_experts(model: nn.Module, cfg: Experts, *, data=None, inplace: bool = False, **_) -> PruneResult:
+def prune_experts(model: nn.Module, cfg: Experts, *, data=None, inplace: bool = False) -> PruneResult:
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ConfigError(f"pk.Experts: {type(model).__name__} has no mixture-of-experts block (a module with a "
@@ -156,14 +158,14 @@ def prune_experts(model: nn.Module, cfg: Experts, *, data=None, inplace: bool = 
         scores[b.name] = s
     base_config = model.config if hf.is_hf(model) else None
     out = model if inplace else copy.deepcopy(model)
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = count_params(model)
     apply_kept(out, kept, attrs)
     exact = hf.after_surgery(out, base_config) if base_config is not None else False
     _check_width(model, out, kept, blocks, cfg, data)
-    plan = {"format": "prunekit.structured/1", "config": cfg.to_dict(),
-            "kept": {n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()}, "attrs": attrs,
-            **({"hf_base_config": base_config.to_dict(), "hf_class": type(model).__name__,
-                "hf_config_exact": exact} if base_config is not None else {})}
+    plan = Plan(kind="structured", config=cfg.to_dict(),
+                kept={n: {str(d): v for d, v in dims.items()} for n, dims in kept.items()}, attrs=[list(x) for x in attrs])
+    if base_config is not None:
+        plan.hf_base_config, plan.hf_class, plan.hf_config_exact = base_config.to_dict(), type(model).__name__, exact
     return PruneResult(model=out, plan=plan, config=cfg,
-                       stats={"params_before": params_before, "params_after": sum(p.numel() for p in out.parameters()),
+                       stats={"params_before": params_before, "params_after": count_params(out),
                               "expert_scores": scores, "tokens": [s.tokens for s in stats]})
