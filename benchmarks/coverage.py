@@ -41,8 +41,13 @@ import torch
 import prunekit as pk
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coverage_models import FAMILIES, IN_TESTS  # noqa: E402
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:                    # imported from a test: do not leave benchmarks/ on sys.path
+    sys.path.insert(0, _HERE)
+    from coverage_models import FAMILIES, IN_TESTS  # noqa: E402
+    sys.path.remove(_HERE)
+else:
+    from coverage_models import FAMILIES, IN_TESTS  # noqa: E402
 
 STEPS = ("structured", "save_load", "from_pretrained", "generate", "depth", "sparse", "experts")
 NORMS = ("LayerNorm", "GroupNorm", "RMSNorm", "LayerNorm2d")

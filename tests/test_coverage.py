@@ -11,9 +11,25 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import coverage as cov  # noqa: E402
-from coverage_models import FAMILIES, FAST  # noqa: E402
+
+
+def _load_benchmark(name):
+    """Import benchmarks/<name>.py under a private module name, with benchmarks/ on sys.path only while it
+    loads: left there, it would shadow real packages for every later test (benchmarks/gguf.py hid the
+    `gguf` package, benchmarks/coverage.py hides coverage.py)."""
+    import importlib.util
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+cov = _load_benchmark("coverage")
+FAMILIES, FAST = sys.modules["coverage_models"].FAMILIES, sys.modules["coverage_models"].FAST
 
 
 def check_row(row):
