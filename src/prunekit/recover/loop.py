@@ -118,6 +118,13 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
     if cfg.tokens is not None:
         return _recover_tokens(model, teacher, data, cfg, checkpoint_dir, callback, quiet, device, return_result,
                                tokenizer, eval_data)
+    return _recover_batches(model, teacher, data, cfg, checkpoint_dir, callback, quiet, device, task_loss_fn,
+                            return_result)
+
+
+def _recover_batches(model, teacher, data, cfg: Recover, checkpoint_dir, callback, quiet, device, task_loss_fn,
+                     return_result):
+    """The epoch/batch recovery `recover` runs when no token budget is given."""
     data_spec = data if isinstance(data, str) else None
     batches = _as_sequence(data)
     mode = resolve_loss(cfg, teacher)

@@ -151,7 +151,6 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
     modules = dict(model.named_modules())
     t0 = time.perf_counter()
     layer_sparsity = {n: cfg.sparsity for n in names}
-    skipped: List[str] = []
     alloc_info = None
     pipeline, prefix, layers = _choose_pipeline(model, cfg)
     notes: List[str] = []
@@ -171,34 +170,8 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
             for n in (by_block[key] if isinstance(key, int) else [key]):
                 layer_sparsity[n] = s
 
-    if cfg.method == "magnitude":
-        for n in names:
-            _prune_layer(modules[n], cfg, layer_sparsity[n], None)
-    else:
-        hessian, norms = cfg.method == "sparsegpt", cfg.method == "wanda"
-        live: Dict[str, InputStats] = {}
-
-        def observe(group: List[str]):
-            return _attach_stats(modules, group, hessian, norms, live)
-
-        def update(group: List[str]):
-            for n in group:                                  # pop: each Hessian is freed once used
-                st = live.pop(n, None)
-                if st is None:                               # the layer never ran on the calibration data
-                    skipped.append(n)
-                    continue
-                _prune_layer(modules[n], cfg, layer_sparsity[n], st)
-
-        if pipeline == "layerwise":
-            run_layerwise(model, batches,
-                          lambda i, _n, _m: observe(by_block.get(i, [])),
-                          lambda i, _n, _m: update(by_block.get(i, [])),
-                          sequential=cfg.sequential, offload=offload, offload_dir=offload_dir, device=device,
-                          blocks=(prefix, layers), log=log.debug)
-            if rest:                     # layers outside the block stack see the already pruned blocks
-                run_whole(model, batches, lambda *_: observe(rest), lambda *_: update(rest))
-        else:
-            run_whole(model, batches, lambda *_: observe(names), lambda *_: update(names))
+    skipped = _prune_targets(model, modules, cfg, names, layer_sparsity, batches, pipeline, (prefix, layers),
+                             by_block, rest, offload=offload, offload_dir=offload_dir, device=device)
     # stacked (experts, out, in) weights are parameters, not modules: pruned per expert on its routed tokens
     expert_blocks = expert_targets(model, cfg.targets, cfg.ignore)
     experts = prune_expert_weights(model, expert_blocks, batches, cfg.method, cfg.sparsity, cfg.pattern,
@@ -233,6 +206,44 @@ def prune_sparse(model: nn.Module, config: Sparse, *, data=None, inplace: bool =
         stats["baked"] = bake(model)
     return PruneResult(model=model, plan=plan, config=cfg, stats=stats)
 
+
+
+def _prune_targets(model, modules, cfg: Sparse, names, layer_sparsity, batches, pipeline, blocks, by_block, rest, *,
+                   offload, offload_dir, device) -> List[str]:
+    """Prune every target at its sparsity: magnitude directly, Wanda/SparseGPT from input statistics gathered
+    block by block (`pipeline == "layerwise"`) or in one whole-model pass. Returns the targets that never ran
+    on the calibration data (left dense)."""
+    skipped: List[str] = []
+    prefix, layers = blocks
+    if cfg.method == "magnitude":
+        for n in names:
+            _prune_layer(modules[n], cfg, layer_sparsity[n], None)
+    else:
+        hessian, norms = cfg.method == "sparsegpt", cfg.method == "wanda"
+        live: Dict[str, InputStats] = {}
+
+        def observe(group: List[str]):
+            return _attach_stats(modules, group, hessian, norms, live)
+
+        def update(group: List[str]):
+            for n in group:                                  # pop: each Hessian is freed once used
+                st = live.pop(n, None)
+                if st is None:                               # the layer never ran on the calibration data
+                    skipped.append(n)
+                    continue
+                _prune_layer(modules[n], cfg, layer_sparsity[n], st)
+
+        if pipeline == "layerwise":
+            run_layerwise(model, batches,
+                          lambda i, _n, _m: observe(by_block.get(i, [])),
+                          lambda i, _n, _m: update(by_block.get(i, [])),
+                          sequential=cfg.sequential, offload=offload, offload_dir=offload_dir, device=device,
+                          blocks=(prefix, layers), log=log.debug)
+            if rest:                     # layers outside the block stack see the already pruned blocks
+                run_whole(model, batches, lambda *_: observe(rest), lambda *_: update(rest))
+        else:
+            run_whole(model, batches, lambda *_: observe(names), lambda *_: update(names))
+    return skipped
 
 def _choose_pipeline(model: nn.Module, cfg: Sparse) -> Tuple[str, Optional[str], Optional[nn.ModuleList]]:
     """(pipeline actually used, block-stack prefix or None, the blocks or None). Layer-wise calibration needs
