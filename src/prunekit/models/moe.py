@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from prunekit.batch import call_batch
+from prunekit.batch import call_batch, eval_mode
 from prunekit.errors import GraphError
 
 ROUTER_NAMES = ("gate", "router")
@@ -185,15 +185,12 @@ def routing_stats(model: nn.Module, blocks: List[MoEBlock], batches, hessian: bo
     """Run the calibration batches (from batch.as_batches) and collect every block's routing statistics."""
     stats = [RoutingStats(b, hessian) for b in blocks]
     hooks = [s.b.experts.register_forward_pre_hook(s.hook) for s in stats]
-    was = model.training
-    model.eval()
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 call_batch(model, batch, device)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return stats

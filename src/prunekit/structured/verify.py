@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from prunekit.batch import call_model
+from prunekit.batch import call_model, eval_mode
 from prunekit.errors import VerificationError
 
 # stop keeping per-module outputs of the pruned run beyond this many bytes (the model output is always kept)
@@ -202,15 +202,12 @@ def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_
 
     exact=False (a normalization over pruned channels): measure the outputs and report. exact=True: raise
     VerificationError naming the first module (in completion order) whose output diverges."""
-    was = model.training
-    model.eval()
     cmp = _Compare(model, pruned_modules)
     try:
-        with removed_slices_zeroed(model, kept), torch.no_grad():
+        with eval_mode(model), removed_slices_zeroed(model, kept), torch.no_grad():
             dense_out = tensors_of(call_model(model, example_inputs))
     finally:
         cmp.remove()
-        model.train(was)
     worst, shape_change = 0.0, None
     tol = max((tolerance(t.dtype) for t in dense_out if t.is_floating_point()), default=tolerance(torch.float32))
     for i, (a, b) in enumerate(zip(dense_out, pruned_out)):
