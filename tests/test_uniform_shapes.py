@@ -24,7 +24,7 @@ def test_uniform_global_ranking_reloads_with_from_pretrained(tmp_path):
     r = pk.prune(llama(), pk.Structured(ratio=0.5, global_ranking=True, uniform=True),
                  example_inputs={"input_ids": IDS})
     sizes = layer_sizes(r.model, r.model.config)
-    assert all(len(set(v)) == 1 for v in sizes.values()), sizes
+    assert all(len(set(v)) <= 1 for v in sizes.values()), sizes      # [] for MoE keys of a dense model
     assert sum(sizes["ffn"]) == pytest.approx(sum(layer_sizes(free.model, free.model.config)["ffn"]), abs=3)
     pk.save(r, tmp_path)
     again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()

@@ -163,3 +163,14 @@ def test_relative_difference_aligns_removed_positions():
     assert relative_difference(dense, torch.tensor([[1.0, 2.0, 3.0]])) == 0.0
     assert relative_difference(dense, torch.tensor([[1.0, 2.0, 3.3]])) == pytest.approx(0.1)
     assert relative_difference(dense, torch.tensor([[1.0, 2.0]])) is None      # cannot tell which were kept
+
+
+def test_verification_of_a_model_in_train_mode_with_dropout():
+    """A model left in train mode (dropout active) is verified in eval mode on both sides, as the dense
+    reference is: the cut is exact, not a 'mismatch' made of dropout noise, and the mode is restored."""
+    import prunekit as pk
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4)).train()
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=torch.randn(16, 8))
+    assert m.training and r.model.training
+    assert r.stats["verification"]["mode"] == "exact"

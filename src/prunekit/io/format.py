@@ -55,18 +55,16 @@ def save(result, path: Union[str, Path]) -> Path:
     path = Path(path)
     _check_target(path)
     model = result.model if hasattr(result, "model") else result
-    plan = getattr(result, "plan", None) or Plan()
-    plan = plan.to_dict() if isinstance(plan, Plan) else plan
+    plan = Plan.from_dict(getattr(result, "plan", None) or Plan(), where="pk.save: result.plan")
     hf_save = getattr(model, "save_pretrained", None)
     try:
         with atomic_dir(path) as tmp:
-            if callable(hf_save) and plan.get("format", "").startswith(("prunekit.structured", "prunekit.layers",
-                                                                         "prunekit.sparse")):
+            if callable(hf_save):
                 try:
                     save_hf(model, plan, tmp)
                 except ImportError:
                     pass
-            atomic_write_json(tmp / PLAN, plan)
+            atomic_write_json(tmp / PLAN, plan.to_dict())
             save_weights(model, tmp / WEIGHTS, metadata={"format": "pt"})
             atomic_write_json(tmp / META, _manifest(tmp))
     except OSError as e:

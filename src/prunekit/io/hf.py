@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 import torch.nn as nn
 
 from prunekit.errors import LoadError
 from prunekit.io.schema import safe_file
-from prunekit.io.state import WEIGHTS, fit_to_tensors, load_state, baked_state_dict, replay
+from prunekit.io.state import WEIGHTS, baked_state_dict, fit_to_tensors, load_state, replay
 from prunekit.models.hf import after_surgery, config_expresses
+from prunekit.plan import Plan
 
 BASE_CONFIG = "prunekit_base_config.json"
 
-def save_hf(model: nn.Module, plan: Dict[str, Any], path: Path) -> None:
-    base = plan.get("hf_base_config")
-    exact = plan.get("hf_config_exact", False) and config_expresses(model, model.config) and _valid(model.config)
+def save_hf(model: nn.Module, plan: Plan, path: Path) -> None:
+    base = plan.hf_base_config
+    exact = plan.hf_config_exact and config_expresses(model, model.config) and _valid(model.config)
     pruned_cfg = model.config
     if base is not None and not exact:
         # transformers validates the config while saving (e.g. hidden size a multiple of the heads): save the
@@ -57,7 +58,7 @@ def _valid(config) -> bool:
         return False
     return True
 
-def load_hf(path: Path, plan: Dict[str, Any]) -> nn.Module:
+def load_hf(path: Path, plan: Plan) -> nn.Module:
     """Rebuild an HF model saved by pk.save without the original weights: base config -> replay -> weights.
 
     The model comes back in the dtype its weights were saved in (a bf16 model stays bf16)."""
@@ -74,7 +75,7 @@ def load_hf(path: Path, plan: Dict[str, Any]) -> nn.Module:
         raise LoadError(f"{where}: '{path / BASE_CONFIG}' is not valid JSON ({e}); re-save with pk.save") from e
     if not isinstance(base, dict) or not isinstance(base.get("model_type"), str):
         raise LoadError(f"{where}: '{path / BASE_CONFIG}' has no 'model_type'; re-save with pk.save")
-    arch = plan.get("hf_class") or (base.get("architectures") or [None])[0]
+    arch = plan.hf_class or (base.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise LoadError(f"{where}: unknown architecture {arch!r} in {BASE_CONFIG}/plan; pass model=<fresh "
@@ -88,7 +89,7 @@ def load_hf(path: Path, plan: Dict[str, Any]) -> nn.Module:
                         f"model>") from e
     sd = load_file(str(safe_file(path, WEIGHTS, where)))
     replay(model, plan)
-    if plan.get("format", "").startswith("prunekit.layers"):
+    if plan.kind == "layers":
         # the blocks may have been width-pruned before the depth prune: their widths are in the tensors
         if fit_to_tensors(model, sd):
             after_surgery(model, cfg)

@@ -77,8 +77,10 @@ def read_manifest(path: Path, verify: bool = True) -> Dict[str, str]:
     return files
 
 
-def read_plan(path: Union[str, Path], verify: bool = True) -> Tuple[Dict[str, Any], Dict[str, str]]:
-    """(validated plan, verified manifest file list) of a saved directory; verify=False skips the manifest."""
+def read_plan(path: Union[str, Path], verify: bool = True) -> Tuple[Plan, Dict[str, str]]:
+    """(plan, verified manifest file list) of a saved directory; verify=False skips the manifest. The JSON is
+    checked against the schema (io/schema.py: ranges, confined names, attribute allow-list) before it becomes
+    a typed `Plan`."""
     path = Path(path)
     if not path.is_dir():
         raise LoadError(f"pk.load: '{path}' is not a directory; expected a folder written by pk.save")
@@ -90,7 +92,8 @@ def read_plan(path: Union[str, Path], verify: bool = True) -> Tuple[Dict[str, An
         plan = json.loads(safe_file(path, PLAN, where).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LoadError(f"pk.load: '{path / PLAN}' is not valid JSON ({e})") from e
-    return validate_plan(plan, f"pk.load: '{path / PLAN}'"), files
+    where = f"pk.load: '{path / PLAN}'"
+    return Plan.from_dict(validate_plan(plan, where), where=where), files
 
 
 def replay(model: nn.Module, plan: Union[Plan, Dict[str, Any]]) -> nn.Module:

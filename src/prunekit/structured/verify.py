@@ -184,11 +184,11 @@ def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Tu
     """Run `model` (no grad) keeping its outputs and (`modules`) every module's floating outputs for
     `verify_cut`."""
     if not modules:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             return tensors_of(call_model(model, example_inputs)), {}
     rec = _Keep(model)
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():       # as the dense run in verify_cut: dropout off
             out = tensors_of(call_model(model, example_inputs))
     finally:
         rec.remove()
