@@ -187,13 +187,15 @@ def matches_module(pattern: str, name: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or re.fullmatch(pattern, name) is not None
 
 
-def check_patterns_match(cfg: Structured, names) -> None:
+def check_patterns_match(cfg: Structured, names, tensor_names=()) -> None:
     """ConfigError for a `ratio` / `ignore` pattern that selects no module (it would silently do nothing),
-    naming the closest module names."""
+    naming the closest module names. `ignore` may also name the model's own parameters and buffers
+    (`tensor_names`, e.g. a class token or position embedding used outside any module)."""
     names = [n for n in names if n]
     for field, patterns in (("ratio", cfg.ratio if isinstance(cfg.ratio, dict) else {}), ("ignore", cfg.ignore)):
+        pool = names + [t for t in tensor_names if t] if field == "ignore" else names
         for pat in patterns:
-            if not any(matches_module(pat, n) for n in names):
-                close = difflib.get_close_matches(pat, names, n=3, cutoff=0.4) or names[:3]
+            if not any(matches_module(pat, n) for n in pool):
+                close = difflib.get_close_matches(pat, pool, n=3, cutoff=0.4) or names[:3]
                 raise ConfigError(f"Structured.{field}: pattern {pat!r} matches no module of this model, so it "
                                   f"would do nothing; closest module names: {close}")

@@ -36,7 +36,8 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
                           "forward arguments to trace the model with (e.g. torch.randn(1, 3, 224, 224))")
     if graph is None:
         check_example_inputs(model, example_inputs)
-    check_patterns_match(cfg, [n for n, _ in model.named_modules()])
+    check_patterns_match(cfg, [n for n, _ in model.named_modules()],
+                         [n for n, _ in (*model.named_parameters(), *model.named_buffers())])
     t0 = time.perf_counter()
     info: Dict[str, Any] = {}
     original = model
