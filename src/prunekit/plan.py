@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from prunekit.errors import LoadError
 
@@ -45,7 +45,8 @@ def plan_format(kind: str, version: int = PLAN_VERSION) -> str:
 class Plan:
     kind: str = "structured"
     config: Optional[Dict[str, Any]] = None
-    kept: Dict[str, Dict[str, List[int]]] = dataclasses.field(default_factory=dict)
+    # {tensor: {dim: kept indices}}; a stacked expert tensor (E, out, in) keeps its own list per expert
+    kept: Dict[str, Dict[str, Union[List[int], List[List[int]]]]] = dataclasses.field(default_factory=dict)
     attrs: List[List[Any]] = dataclasses.field(default_factory=list)
     groups: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     convert_mha: List[str] = dataclasses.field(default_factory=list)
