@@ -118,9 +118,21 @@ def throughput(pruned, dense, tok, a):
             "tokens_per_run": a.tp_steps * blocks[0].numel()}
 
 
+def token_budgets(spec: str, kinds):
+    """'4096' -> the same budget for every variant; 'width=50000,depth=20000' -> per variant."""
+    if "=" not in spec:
+        return {k: int(spec) for k in kinds}
+    out = {k: int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    missing = [k for k in kinds if k not in out]
+    if missing:
+        raise SystemExit(f"--tokens names no budget for {missing}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096, help="recovery tokens per run (equal for KD and LM)")
+    ap.add_argument("--tokens", default="4096",
+                    help="recovery tokens per run, equal for KD and LM: N, or per variant as width=N,depth=N,wanda=N")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -133,7 +145,10 @@ def main():
     ap.add_argument("--tp-repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/llm_recover.json")
+    ap.add_argument("--save-dir", default=None,
+                    help="pk.save every recovered model here as <variant>-<loss> (benchmarks/gguf.py --recovered reads them)")
     a = ap.parse_args()
+    budget = token_budgets(a.tokens, a.variants.split(","))
     torch.set_num_threads(a.threads)
     dense, tok = load_model()
     OUT.update(args=vars(a), torch=torch.__version__, machine="2 shared CPU cores", variants={})
@@ -156,13 +171,15 @@ def main():
         for loss in a.losses.split(","):
             t = time.perf_counter()
             r = pk.recover(copy.deepcopy(pruned), teacher=dense if loss == "kd" else None, data=lm.recovery_texts,
-                           tokenizer=tok, tokens=a.tokens, seq_len=a.seq_len, batch_size=a.batch_size, loss=loss,
+                           tokenizer=tok, tokens=budget[kind], seq_len=a.seq_len, batch_size=a.batch_size, loss=loss,
                            temperature=1.0, lr=a.lr, warmup=0.1, quiet=True, return_result=True)
             secs = time.perf_counter() - t
             _, row = evaluate(r.model, ev, dense_ev)
             row.update(recover_seconds=secs, tok_s=r.history[-1]["tok_s"], tokens=r.history[-1]["tokens"],
                        loss_history=[h["loss"] for h in r.history])
             v["after"][loss] = row
+            if a.save_dir:
+                pk.save(r.model, Path(a.save_dir) / f"{kind}-{loss}")
             log(f"{kind} + {loss} {r.history[-1]['tokens']} tokens: ppl {row['ppl']:.2f} flagged {row['flagged']} "
                 f"({secs:.0f}s, {row['tok_s']:.0f} tok/s)")
             save(a.out)
