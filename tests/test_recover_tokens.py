@@ -174,3 +174,61 @@ def test_llm_recipe_runs_and_resumes_bit_identically(tmp_path):
     done = run("b", resume=True)
     a, b = full.model.state_dict(), done.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precomputed_teacher_equals_live_teacher_and_resumes(tmp_path):
+    """pk.precompute_teacher stores top-k targets once; training from the cache gives the live top-k run's
+    weights bit for bit (float32 cache), needs no teacher, and an interrupted precompute resumes."""
+    teacher = tiny_llama()
+    docs = corpus()
+    kw = dict(tokens=1200, seq_len=20, batch_size=2, top_k=8, temperature=2.0, lr=2e-3, quiet=True, loss="kd")
+    live = pk.recover(student_of(teacher), teacher=teacher, data=docs, **kw)
+    cache = pk.precompute_teacher(teacher, docs, tmp_path / "c", tokens=1200, seq_len=20, batch_size=2, top_k=8,
+                                  temperature=2.0, blocks_per_shard=7, quiet=True)
+    assert cache.blocks == 30 and len(list((tmp_path / "c").glob("shard-*.safetensors"))) == 5
+    cached = pk.recover(student_of(teacher), teacher=pk.TeacherCache(tmp_path / "c"), **kw)
+    for k, v in live.state_dict().items():
+        assert torch.equal(v, cached.state_dict()[k]), k
+    # interrupted precompute: delete the last two shards and the manifest, run again, same files
+    ref = {p.name: p.read_bytes() for p in (tmp_path / "c").glob("shard-*")}
+    for name in ("shard-00003.safetensors", "shard-00004.safetensors", "manifest.json"):
+        (tmp_path / "c" / name).unlink()
+    with pytest.raises(DataError, match="manifest"):
+        pk.TeacherCache(tmp_path / "c")
+    pk.precompute_teacher(teacher, docs, tmp_path / "c", tokens=1200, seq_len=20, batch_size=2, top_k=8,
+                          temperature=2.0, blocks_per_shard=7, quiet=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").glob("shard-*")} == ref
+
+
+def test_precomputed_teacher_refuses_what_it_cannot_serve(tmp_path):
+    teacher = tiny_llama()
+    cache = pk.precompute_teacher(teacher, corpus(), tmp_path / "c", tokens=400, seq_len=20, batch_size=2, top_k=8,
+                                  temperature=2.0, quiet=True)
+    s = student_of(teacher)
+    base = dict(tokens=400, seq_len=20, batch_size=2, temperature=2.0, quiet=True)
+    for bad, match in [({"top_k": 4}, "top_k=8"), ({"temperature": 1.0}, "temperature"),
+                       ({"seq_len": 10}, "seq_len"), ({"hidden_weight": 0.5}, "hidden")]:
+        with pytest.raises(pk.errors.ConfigError, match=match):
+            pk.recover(s, teacher=cache, **{**base, **bad})
+    with pytest.raises(pk.errors.ConfigError, match="data=None"):
+        pk.recover(s, teacher=cache, data=corpus(), **base)
+    with pytest.raises(pk.errors.ConfigError, match="tokens"):
+        pk.recover(s, teacher=cache, data=[torch.zeros(2, 3)], epochs=1)
+    with pytest.raises(pk.errors.ConfigError, match="other settings"):
+        pk.precompute_teacher(teacher, corpus(), tmp_path / "c", tokens=400, seq_len=20, batch_size=2, top_k=4,
+                              quiet=True)
+
+
+def test_offloaded_teacher_device_is_honoured_and_checked():
+    teacher = tiny_llama()
+    seen = []
+    h = teacher.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0].device))
+    pk.recover(student_of(teacher), teacher=teacher, data=corpus(), tokens=80, seq_len=20, quiet=True,
+               teacher_device="cpu")
+    h.remove()
+    assert seen and all(d.type == "cpu" for d in seen)
+    with pytest.raises(pk.errors.ConfigError, match="teacher_device"):
+        pk.Recover(teacher_device="warp-drive")
+    with pytest.raises(pk.errors.ConfigError, match="token-budget"):
+        pk.recover(student_of(teacher), teacher=teacher, data=[torch.zeros(1, 4, dtype=torch.long)],
+                   teacher_device="cpu")

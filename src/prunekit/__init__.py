@@ -43,7 +43,7 @@ from prunekit.measure import (
     size_on_disk,
 )
 from prunekit.plan import Plan
-from prunekit.recover import Recover, RecoverResult, recover, resume
+from prunekit.recover import Recover, RecoverResult, TeacherCache, precompute_teacher, recover, resume
 from prunekit.run.pipeline import Recipe, load_recipe, run_pipeline
 from prunekit.run.executor import run_schedule
 from prunekit.run.schedule import EvalStage, Gradual, Iterative, OneShot
@@ -83,7 +83,7 @@ __all__ = [
     # schedules and recipes
     "Iterative", "Gradual", "OneShot", "EvalStage", "run_schedule", "Recipe", "load_recipe", "run_pipeline",
     # recovery
-    "recover", "Recover", "RecoverResult", "resume",
+    "recover", "Recover", "RecoverResult", "resume", "precompute_teacher", "TeacherCache",
     # evaluation and measurement
     "evaluate", "compare_slices", "EvalResult", "SliceComparison", "TokenWindows", "measure_latency",
     "peak_memory", "size_on_disk", "count_params", "count_macs", "model_stats", "prefill_latency",

@@ -11,5 +11,7 @@ from prunekit.recover.losses import kd_loss, topk_kd_loss
 from prunekit.recover.options import Recover
 from prunekit.recover.resume import resume
 from prunekit.recover.stream import PackedTokens
+from prunekit.recover.teacher import TeacherCache, precompute_teacher
 
-__all__ = ["RecoverResult", "apply_lora", "lr_at", "recover", "kd_loss", "topk_kd_loss", "Recover", "resume", "PackedTokens"]
+__all__ = ["RecoverResult", "apply_lora", "lr_at", "recover", "kd_loss", "topk_kd_loss", "Recover", "resume", "PackedTokens",
+           "TeacherCache", "precompute_teacher"]

@@ -18,6 +18,7 @@ from prunekit.recover import distributed as D
 from prunekit.recover.common import RecoverResult, apply_lora, lr_at, param_groups, resolve_loss
 from prunekit.recover.losses import FeatureTap, feature_loss, kd_loss, make_projection
 from prunekit.recover.options import Recover
+from prunekit.recover.teacher import TeacherCache
 from prunekit.recover.tokens import recover_tokens
 from prunekit.run.directory import Run, seed_everything
 
@@ -113,8 +114,10 @@ def recover(model: nn.Module, teacher: Optional[nn.Module] = None, data: Any = N
     if teacher is model:
         raise ConfigError("recover(): teacher is the same object as the model being trained; pass an unpruned "
                           "copy (e.g. copy.deepcopy(model) taken before pruning)")
-    if data is None:
+    if data is None and not isinstance(teacher, TeacherCache):
         raise CalibrationDataError("recover() needs data=...: batches of (inputs, targets) or inputs alone")
+    if isinstance(teacher, TeacherCache):
+        teacher.check(cfg)                           # a precomputed teacher serves only token-budget KD
     if cfg.tokens is not None:
         return _recover_tokens(model, teacher, data, cfg, checkpoint_dir, callback, quiet, device, return_result,
                                tokenizer, eval_data)
@@ -127,6 +130,9 @@ def _recover_batches(model, teacher, data, cfg: Recover, checkpoint_dir, callbac
     """The epoch/batch recovery `recover` runs when no token budget is given."""
     data_spec = data if isinstance(data, str) else None
     batches = _as_sequence(data)
+    if cfg.teacher_device is not None:
+        raise ConfigError("Recover.teacher_device applies to token-budget recovery (tokens=N); for batch recovery "
+                          "leave it None (the teacher runs on the model's device)")
     mode = resolve_loss(cfg, teacher)
     distributed = D.maybe_init_process_group()
     rank, world = rank_world()
@@ -185,15 +191,16 @@ def _recover_tokens(model, teacher, data, cfg, checkpoint_dir, callback, quiet, 
     mode = resolve_loss(cfg, teacher)
     device = torch.device(device) if device is not None else model_device(model)
     seed_everything(cfg.seed)
-    was_training, teacher_was_training = model.training, teacher.training if teacher is not None else False
+    live = isinstance(teacher, nn.Module)               # else None or a precomputed TeacherCache
+    was_training, teacher_was_training = model.training, teacher.training if live else False
     model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval()
+    if live:
+        teacher.to(cfg.teacher_device if cfg.teacher_device is not None else device).eval()
     try:
         result = recover_tokens(model, teacher, data, cfg, mode, device=device, tokenizer=tokenizer,
                                 eval_data=eval_data, checkpoint_dir=checkpoint_dir, callback=callback, quiet=quiet)
     finally:
-        if teacher is not None:
+        if live:
             teacher.train(teacher_was_training)
     return _finish(result, cfg, was_training, return_result)
 

@@ -6,6 +6,8 @@ import dataclasses
 import difflib
 from typing import Any, Dict, List, Optional, Union
 
+import torch
+
 from prunekit.config import Config, check_type, register_config
 from prunekit.errors import ConfigError
 
@@ -42,6 +44,8 @@ class Recover(Config):
     gradient_checkpointing: recompute activations in backward (HF `gradient_checkpointing_enable`).
     precision:     "auto" (bf16 autocast on a GPU that supports it, fp32 on CPU), "bf16" or "fp32".
     eval_every:    evaluate perplexity on `eval_data` every this many training tokens (None: at the end only).
+    teacher_device: run the teacher there instead of on the student's device (e.g. "cpu" to keep a GPU's memory
+                   for the student); a precomputed teacher (pk.precompute_teacher) needs no device at all.
     """
     epochs: int = 1
     lr: float = 1e-4
@@ -69,6 +73,7 @@ class Recover(Config):
     gradient_checkpointing: bool = False
     precision: str = "auto"
     eval_every: Optional[int] = None
+    teacher_device: Optional[str] = None
 
     def __post_init__(self):
         o = "Recover"
@@ -100,6 +105,12 @@ class Recover(Config):
                 check_type(o, name, v, int, "a positive int or None")
                 if v < 1:
                     raise ConfigError(f"{o}.{name} must be >= 1 or None, got {v}")
+        if self.teacher_device is not None:
+            try:
+                torch.device(self.teacher_device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(f"{o}.teacher_device={self.teacher_device!r} is not a device; give e.g. 'cpu', "
+                                  f"'cuda:1' or None") from None
         if self.grad_clip is not None:
             check_type(o, "grad_clip", self.grad_clip, (int, float), "a positive number or None")
         if self.features is not None and not isinstance(self.features, (list, tuple, dict)):

@@ -33,6 +33,7 @@ from prunekit.recover.common import RecoverResult, lr_at, param_groups
 from prunekit.recover.losses import hidden_loss, kd_loss, lm_loss, topk_kd_loss
 from prunekit.recover.options import Recover
 from prunekit.recover.stream import PackedTokens
+from prunekit.recover.teacher import TeacherCache, device_of, teacher_outputs
 from prunekit.run.directory import Run
 
 
@@ -168,18 +169,26 @@ class TokenLoop:
             self.run_dir.log_metrics(self.step, **{k: v for k, v in row.items() if k != "step"})
             self.run_dir.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
+    @staticmethod
+    def next_block(blocks: Iterator) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        """(ids, precomputed targets or None): a TeacherCache stream yields both, a PackedTokens ids alone."""
+        item = next(blocks)
+        return item if isinstance(item, tuple) else (item, None)
+
     def train_step(self, net: nn.Module, blocks: Iterator[torch.Tensor]) -> Tuple[float, bool]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss over them, diverged?)."""
         total = 0.0
         for micro in range(self.cfg.grad_accum):
-            ids = next(blocks)
+            ids, cached = self.next_block(blocks)
             lo, hi = D.shard_bounds(ids.shape[0], self.rank, self.world)
             ids = ids[lo:hi].to(self.device)
+            if cached is not None:
+                cached = {k: v[lo:hi].to(self.device) for k, v in cached.items()}
             scale = self.world * (hi - lo) / (self.cfg.batch_size * self.cfg.grad_accum)
             last = micro == self.cfg.grad_accum - 1
             sync = net.no_sync() if (self.distributed and not last and hasattr(net, "no_sync")) else contextlib.nullcontext()
             with sync:
-                loss = self.loss(net, ids)
+                loss = self.loss(net, ids, cached)
                 (loss * scale).backward()
             total += D.all_reduce_sum(loss.item() * scale, self.device) / self.world
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
@@ -197,26 +206,21 @@ class TokenLoop:
         return total, False
 
     def teacher_targets(self, ids: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Teacher logits (or its top-k log-probabilities) and last hidden state, computed in inference mode and cloned into
-        ordinary tensors (inference tensors cannot be saved for the student's backward)."""
-        want_hidden = self.cfg.hidden_weight > 0
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-            out = self.teacher(input_ids=ids, output_hidden_states=want_hidden, use_cache=False)
-            logits = logits_of(out)
-            got = {}
-            if self.cfg.top_k:
-                logp = torch.log_softmax(logits.float() / self.cfg.temperature, -1)
-                v, i = logp.topk(min(self.cfg.top_k, logits.shape[-1]), dim=-1)
-                got.update(logp=v, index=i)
-            else:
-                got["logits"] = logits.float()
-            if want_hidden:
-                got["hidden"] = out.hidden_states[-1].float()
-        return {k: t.clone() for k, t in got.items()}
+        """The live teacher's targets for `ids` (recover/teacher.py), computed on the teacher's own device (which
+        Recover.teacher_device may set apart from the student's) and moved to the student's."""
+        t = teacher_outputs(self.teacher, ids.to(device_of(self.teacher)), top_k=self.cfg.top_k,
+                            temperature=self.cfg.temperature, want_hidden=self.cfg.hidden_weight > 0, bf16=self.bf16)
+        return {k: v.to(self.device) for k, v in t.items()}
 
-    def loss(self, net: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    def loss(self, net: nn.Module, ids: torch.Tensor, cached: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The training loss on one micro-batch; `cached`: precomputed teacher targets (a TeacherCache run)."""
         cfg = self.cfg
-        t = self.teacher_targets(ids) if self.teacher is not None and (self.mode != "task" or cfg.hidden_weight) else {}
+        if cached is not None:
+            t = cached
+        elif self.teacher is not None and (self.mode != "task" or cfg.hidden_weight):
+            t = self.teacher_targets(ids)
+        else:
+            t = {}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             out = net(input_ids=ids, output_hidden_states=cfg.hidden_weight > 0, use_cache=False)
         logits = logits_of(out).float()
@@ -242,7 +246,15 @@ def recover_tokens(model: nn.Module, teacher: Optional[nn.Module], data: Any, cf
                           "hidden-state loss, or the epoch loop (tokens=None) for LoRA")
     if mode == "task" and teacher is None and cfg.hidden_weight:
         raise ConfigError("Recover.hidden_weight matches the teacher's hidden states: pass teacher=...")
-    stream = data if isinstance(data, PackedTokens) else PackedTokens(data, cfg.seq_len, cfg.batch_size, tokenizer)
+    if isinstance(teacher, TeacherCache):
+        if data is not None and data is not teacher:
+            raise ConfigError(f"recover(teacher={teacher!r}) trains on the token blocks stored in the cache; pass "
+                              f"data=None (or data=the cache), not other data")
+        teacher.check(cfg)
+        cfg = cfg.replace(top_k=teacher.top_k)
+        stream, data, teacher = teacher, str(teacher.path), None
+    else:
+        stream = data if isinstance(data, PackedTokens) else PackedTokens(data, cfg.seq_len, cfg.batch_size, tokenizer)
     if (stream.seq_len, stream.batch_size) != (cfg.seq_len, cfg.batch_size):
         raise ConfigError(f"data is a PackedTokens of {stream.batch_size} x {stream.seq_len} but Recover asks for "
                           f"batch_size={cfg.batch_size}, seq_len={cfg.seq_len}; make them agree")
