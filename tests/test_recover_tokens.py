@@ -1,6 +1,7 @@
 """Token-budget recovery of causal LMs (recover/tokens.py, recover/stream.py) on a tiny random Llama."""
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -165,11 +166,16 @@ def test_llm_recipe_runs_and_resumes_bit_identically(tmp_path):
     recipe["calibration_batches"] = 2
     docs = corpus()
     train = [torch.stack(docs[i:i + 2]) for i in range(0, 16, 2)]
-    val = [torch.stack(docs[i:i + 2]) for i in range(20, 28, 2)]
+    val = [(torch.stack(docs[i:i + 2]), ["motif-a", "motif-b"]) for i in range(20, 28, 2)]   # tagged windows
     run = lambda out, **kw: run_pipeline(tiny_llama(), recipe, train=train, val=val, out=tmp_path / out,  # noqa: E731
                                          example_inputs={"input_ids": train[0][:1]}, quiet=True, **kw)
     full = run("a")
     assert full.status == "completed" and full.model.model.layers[0].mlp.up_proj.out_features == 48
+    last = [h for h in full.history if h["kind"] == "evaluate"][-1]
+    assert {r["slice"] for r in last["slices"]["slices"]} == {"motif-a", "motif-b"}    # per-slice vs dense
+    assert isinstance(last["flagged"], list)
+    report = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert report["slices"]["slices"] == last["slices"]["slices"]
     assert run("b", stop_after=3).status == "interrupted"           # killed after prune and recover
     done = run("b", resume=True)
     a, b = full.model.state_dict(), done.model.state_dict()

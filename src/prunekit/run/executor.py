@@ -16,7 +16,9 @@ from prunekit.api import prune
 from prunekit.batch import split_batch
 from prunekit.config import Config
 from prunekit.errors import CalibrationDataError, ConfigError
+from prunekit.evaluate.compare import compare_slices
 from prunekit.evaluate.core import evaluate
+from prunekit.evaluate.result import EvalResult
 from prunekit.graph.groups import DependencyGraph
 from prunekit.io.state import load_state, replay
 from prunekit.measure.counts import count_params
@@ -54,6 +56,7 @@ class Executor:
         self.plan: Optional[Plan] = None
         self.masked: List[str] = []
         self.dense_metric: Dict[str, float] = {}
+        self.dense_eval: Dict[str, EvalResult] = {}
         self.last_good: Optional[nn.Module] = None
         self.last_good_step = -1
         self.history: List[Dict[str, Any]] = []
@@ -134,20 +137,25 @@ class Executor:
         self.model = res.model
         return {"loss": res.history[-1]["loss"] if res.history else None, "steps": res.steps}
 
-    def metric(self, model: nn.Module, cfg: EvalStage) -> float:
+    def metric(self, model: nn.Module, cfg: EvalStage) -> EvalResult:
         if self.val is None:
             raise CalibrationDataError("evaluation needs validation data: pass val= batches")
-        return float(evaluate(model, self.val, cfg.metric, max_batches=cfg.max_batches).value)
+        return evaluate(model, self.val, cfg.metric, max_batches=cfg.max_batches)
 
     def _evaluate(self, i: int, step: Step) -> Dict[str, Any]:
         cfg: EvalStage = step.config
         key = f"{cfg.metric}:{cfg.max_batches}"
-        if key not in self.dense_metric:
-            self.dense_metric[key] = self.metric(self.original, cfg)
-        dense, value = self.dense_metric[key], self.metric(self.model, cfg)
+        if key not in self.dense_eval:                    # in memory only: a resumed run evaluates dense again
+            self.dense_eval[key] = self.metric(self.original, cfg)
+        self.dense_metric.setdefault(key, float(self.dense_eval[key].value))
+        res = self.metric(self.model, cfg)
+        dense, value = self.dense_metric[key], float(res.value)
         out = {"metric": cfg.metric, "dense": dense, "value": value,
                "drop": quality_drop(dense, value, cfg.metric),
                "params": count_params(self.model)}
+        if len(res.slices) > 1:                           # tagged validation data: per-slice drops vs dense
+            cmp = compare_slices(self.dense_eval[key], res, min_slice_size=cfg.min_slice_size)
+            out.update(slices=cmp.to_dict(), flagged=[str(s) for s in cmp.flagged])
         if cfg.latency:
             lat = measure_latency({"dense": self.original, "pruned": self.model}, self.example_inputs,
                                   batch_sizes=(cfg.batch_size,), threads=cfg.threads)

@@ -403,4 +403,6 @@ def _record(rec, ex: Executor, original: nn.Module, recipe: Recipe) -> None:
         summary_rows.append(pruned)
         rec.set("summary", {"metric": last["metric"], "higher_is_better": last["metric"] != "perplexity",
                             "batch_size": 16, "rows": summary_rows})
+        if "slices" in last:
+            rec.set("slices", last["slices"])
     rec.set("widths", _widths(original, ex.model))

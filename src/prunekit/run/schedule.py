@@ -46,6 +46,9 @@ class EvalStage(Config):
                 e.g. 0.01 = one accuracy point; for perplexity the allowed increase). None = no gate.
     latency:    also measure latency (interleaved with the dense model) at `batch_size`, `threads`.
     max_batches: evaluate on at most this many validation batches.
+    min_slice_size: when the validation batches carry slice tags (e.g. pk.data.load("lm-slices")), every
+                evaluation compares each slice with the dense model (bootstrap CIs, flags) and the run's report
+                shows it; slices with fewer examples are shown but not judged.
     """
     metric: str = "accuracy"
     max_drop: Optional[float] = None
@@ -53,6 +56,7 @@ class EvalStage(Config):
     batch_size: int = 16
     threads: int = 1
     max_batches: Optional[int] = None
+    min_slice_size: int = 20
 
     def __post_init__(self):
         if self.metric not in GATE_METRICS:
@@ -62,7 +66,7 @@ class EvalStage(Config):
             if self.max_drop < 0:
                 raise ConfigError(f"EvalStage.max_drop must be >= 0, got {self.max_drop}")
         check_type("EvalStage", "latency", self.latency, bool, "true or false")
-        for n in ("batch_size", "threads"):
+        for n in ("batch_size", "threads", "min_slice_size"):
             check_type("EvalStage", n, getattr(self, n), int, "a positive int")
 
 
