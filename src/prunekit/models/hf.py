@@ -41,6 +41,8 @@ HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size", "d_head", "dim
 HEAD_FIELDS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 FFN_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size")
+# fields that equal the hidden size in a dense config and must follow it (OPT embeddings, DeBERTa pooler)
+HIDDEN_TWINS = ("word_embed_proj_dim", "pooler_hidden_size")
 
 
 def is_hf(model: nn.Module) -> bool:
@@ -167,7 +169,7 @@ def _heads(qn: str, q, k, hd: int, cfg) -> Tuple[Optional[int], Optional[int]]:
     return (n // per) * (h0 // kv0), n // per
 
 
-def _attention_sizes(model: nn.Module, base_config):
+def attention_sizes(model: nn.Module, base_config):
     """(name, scope, head_dim, heads, kv heads) per attention block; sizes read from the weights."""
     scopes = module_scopes(model)
     out = []
@@ -197,7 +199,7 @@ def _ffn_sizes(model: nn.Module):
 
 def layer_sizes(model: nn.Module, base_config, scope: Optional[str] = None) -> Dict[str, List[int]]:
     """Per-layer heads, kv heads and FFN widths read from the weights (of one config scope, or all)."""
-    att = [a for a in _attention_sizes(model, base_config) if scope is None or a[1] == scope]
+    att = [a for a in attention_sizes(model, base_config) if scope is None or a[1] == scope]
     ffn = [f for f in _ffn_sizes(model) if scope is None or f[0] == scope]
     scopes = module_scopes(model) if scope is not None else {}
     blocks = {b.name for b in moe.find_moe_blocks(model) if scope is None or scopes.get(b.name, "") == scope}
@@ -208,7 +210,7 @@ def layer_sizes(model: nn.Module, base_config, scope: Optional[str] = None) -> D
 def fix_attention_attrs(model: nn.Module, base_config) -> None:
     """Make attention modules' size attributes agree with their pruned projections."""
     mods = dict(model.named_modules())
-    for name, _, hd, h, kvh in _attention_sizes(model, base_config):
+    for name, _, hd, h, kvh in attention_sizes(model, base_config):
         mod = mods[name]
         for a in HEAD_ATTRS:
             if _int(getattr(mod, a, None)):
@@ -267,7 +269,9 @@ def _set(cfg, fields, values) -> bool:
 def _rewrite_scope(cfg, base, sizes: Dict[str, List]) -> bool:
     if not _set(cfg, HEAD_FIELDS, sizes["heads"]):
         return False
-    if sizes["kv_heads"] and kv_heads_of(base) not in (None, 1) and not _set(cfg, KV_FIELDS, sizes["kv_heads"]):
+    mha = kv_heads_of(base) == _int(getattr(base, "num_attention_heads", None))    # a fused MHA's kv = heads
+    kv = sizes["kv_heads"] or (sizes["heads"] if mha else [])
+    if kv and kv_heads_of(base) not in (None, 1) and not _set(cfg, KV_FIELDS, kv):
         return False
     hd = head_dim_of(base)
     if hd and _settable(cfg, "head_dim"):
@@ -276,9 +280,9 @@ def _rewrite_scope(cfg, base, sizes: Dict[str, List]) -> bool:
                                      and _set(cfg, moe.TOP_K_FIELDS, sizes["top_k"])
                                      and _set(cfg, moe.EXPERT_WIDTH_FIELDS, sizes["expert_ffn"])):
         return False
-    if any(f in cfg.to_dict() for f in FFN_FIELDS):
-        return _set(cfg, FFN_FIELDS, sizes["ffn"])
-    return _set(cfg, ("mlp_ratio",), sizes["ffn_ratio"])
+    if any(f in cfg.to_dict() for f in FFN_FIELDS) and not _set(cfg, FFN_FIELDS, sizes["ffn"]):
+        return False
+    return _set(cfg, ("mlp_ratio",), sizes["ffn_ratio"])    # Dinov2 stores a ratio (and keeps unknown kwargs)
 
 
 def pruned_config(model: nn.Module, base_config):
@@ -286,6 +290,9 @@ def pruned_config(model: nn.Module, base_config):
     cfg = base_config.__class__.from_dict(base_config.to_dict())
     hidden = _embedding_width(model)
     if hidden is not None and _int(getattr(base_config, "hidden_size", None)) and hidden != base_config.hidden_size:
+        for f in HIDDEN_TWINS:
+            if getattr(base_config, f, None) == base_config.hidden_size:
+                setattr(cfg, f, hidden)
         cfg.hidden_size = hidden
     for path, _ in config_paths(base_config).values():
         try:
@@ -308,6 +315,32 @@ def config_expresses(model: nn.Module, cfg) -> bool:
     b = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return a == b
 
+
+
+def head_size_follows_hidden(model: nn.Module, scope: str = "") -> bool:
+    """Does the (sub-)config at `scope` derive the head size from hidden_size / heads (BERT, GPT-2, OPT,
+    Falcon)? Then fewer heads are expressible only with the hidden size shrunk in proportion. Decided by
+    building the model on the meta device with that hidden size doubled and the head size written explicitly
+    (as the config rewrite does) and seeing whether the attention widths follow, not by a list of families."""
+    base = model.config
+    sub = resolve(base, scope)
+    hidden = _int(getattr(sub, "hidden_size", None))
+    if not hidden or not head_dim_of(sub) or not _settable(sub, "hidden_size"):
+        return False
+    cfg = base.__class__.from_dict(base.to_dict())
+    probe_sub = resolve(cfg, scope)
+    probe_sub.hidden_size = 2 * hidden
+    if _settable(probe_sub, "head_dim"):
+        probe_sub.head_dim = head_dim_of(sub)
+    try:
+        with torch.device("meta"):
+            probe = type(model)(cfg)
+    except Exception:              # the family refuses the probe: nothing known, nothing changed
+        return False
+    def widths(m):
+        scopes = module_scopes(m)
+        return [_out_features(q) for n, _, (_, q), _ in attention_modules(m) if scopes.get(n, "") == scope]
+    return widths(probe) != widths(model)
 
 
 def after_surgery(model: nn.Module, base_config) -> bool:

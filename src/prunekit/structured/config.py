@@ -125,6 +125,9 @@ class Structured(Config):
     uniform:      every repeated block keeps the same number of heads / KV groups / FFN neurons (each block still
                   chooses which by its own scores), so a plain config (and llama.cpp's own architectures)
                   expresses the result; the count is the mean of what the blocks would keep on their own.
+                  Families whose head size is hidden_size / heads (BERT, GPT-2, OPT, Falcon, GPT-NeoX) also
+                  shrink the hidden size in proportion (unless prune_hidden=False), so plain `from_pretrained`
+                  reloads them; where the outputs carry the hidden size (BertModel) a warning says so.
     tp_degree:    tensor-parallel degree: attention groups (KV heads) keep a multiple of it.
     verify:       after the cut, run the pruned model and the dense model with the removed slices zeroed (in
                   place, restored exactly) on the example inputs and raise VerificationError if they differ

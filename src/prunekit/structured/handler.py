@@ -24,6 +24,7 @@ from prunekit.structured.config import Latency, Structured, check_patterns_match
 from prunekit.structured.cut import cut_valid
 from prunekit.structured.importance import Taylor
 from prunekit.structured.latency import allocate_for_latency
+from prunekit.structured.shapes import tie_hidden_to_heads
 from prunekit.structured.surgery import apply_kept
 
 
@@ -61,9 +62,10 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
             rm, lat = allocate_for_latency(model, g, sc, cfg, example_inputs)
             info["lat"] = lat
             return {k: v for k, v in rm.items() if k not in skip}
-        if cfg.target is not None:
-            return allocate_for_target(g, sc, cfg, skip=skip)
-        return allocate(g, sc, cfg, skip=skip)
+        rm = allocate_for_target(g, sc, cfg, skip=skip) if cfg.target is not None else allocate(g, sc, cfg, skip=skip)
+        if cfg.uniform and hf_model and cfg.prune_hidden is not False:     # hidden / heads stays the head size
+            rm = tie_hidden_to_heads(model, g, sc, rm)
+        return rm
 
     verify = cfg.verify if verify is None else bool(verify)
     cut = cut_valid(model, example_inputs, choose, ignore=cfg.ignore, graph=graph, gqa=cfg.gqa, verify=verify)
