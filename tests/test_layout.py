@@ -28,7 +28,7 @@ LAYERS = [
     ["prunekit.run.directory"],
     ["prunekit.recover", "prunekit.evaluate"],
     ["prunekit.report", "prunekit.export"],
-    ["prunekit.run"],
+    ["prunekit.run", "prunekit.run.recipe", "prunekit.run.export"],
     ["prunekit.zoo"],
     ["prunekit.cli", "prunekit"],
 ]

@@ -90,5 +90,5 @@ def normalize(data: Dict[str, Any]) -> Dict[str, Any]:
         "source": data.get("source", ""), "summary": summary or None, "steps": steps,
         "slices": data.get("slices") or None, "widths": fractions["layers"], "width_kinds": fractions["kinds"],
         "comparisons": _comparisons(data.get("comparisons")), "notes": [str(n) for n in data.get("notes") or []],
-        "env": data.get("env") or None,
+        "env": data.get("env") or None, "llamacpp": data.get("llamacpp") or None,
     }

@@ -11,7 +11,7 @@ from prunekit.errors import ReportError
 from prunekit.measure.env import environment_info
 
 SECTIONS = ("summary", "steps", "slices", "widths", "env")   # a run without one of these is reported incomplete
-OPTIONAL_SECTIONS = ("comparisons", "notes")                  # extra slice comparisons, notes on the method
+OPTIONAL_SECTIONS = ("comparisons", "notes", "llamacpp")      # extra slice comparisons, notes, GGUF in llama.cpp
 METRICS = "metrics.json"
 COMPLETE = "COMPLETE"
 

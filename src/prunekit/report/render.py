@@ -42,6 +42,35 @@ def _summary_table(norm) -> Optional[List[List[str]]]:
     return [hdr] + body
 
 
+def _llamacpp_table(norm) -> Optional[List[List[str]]]:
+    """GGUF files of the run's export stage in llama.cpp: size, perplexity, prefill/decode tokens/s vs dense."""
+    s = norm.get("llamacpp")
+    if not s or not s.get("rows"):
+        return None
+    hdr = ["variant", "dtype", "file", "size", "size vs dense", "perplexity (llama.cpp)", "perplexity (PyTorch)",
+           f"prefill tok/s ({s.get('prompt_tokens')} tokens)", "prefill vs dense",
+           f"decode tok/s ({s.get('decode_tokens')} tokens)", "decode vs dense"]
+    body = []
+    for r in s["rows"]:
+        if r.get("note"):
+            body.append([str(r.get("variant", "")), r["note"]] + ["–"] * (len(hdr) - 2))
+            continue
+        body.append([str(r.get("variant")), str(r.get("dtype")), str(r.get("file")), _f(r.get("size_bytes"), "bytes"),
+                     _f(r.get("size_ratio"), "x"), _f(r.get("perplexity")), _f(r.get("pytorch_perplexity")),
+                     _f(r.get("prefill_tok_s")), _f(r.get("prefill_speedup"), "x"), _f(r.get("decode_tok_s")),
+                     _f(r.get("decode_speedup"), "x")])
+    return [hdr] + body
+
+
+LLAMACPP_TITLE = "llama.cpp (GGUF export)"
+
+
+def _llamacpp_meta(norm) -> str:
+    s = norm["llamacpp"]
+    return (f"{s.get('threads')} threads, median of {s.get('reps')} interleaved runs, perplexity on "
+            f"{s.get('windows')} validation windows; speed ratios against the dense model's GGUF of the same dtype")
+
+
 def _slice_rows(comparison: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return list((comparison or {}).get("slices", []))
 
@@ -168,6 +197,10 @@ def render_html(norm, plots: Dict[str, bytes]) -> str:
     wt = _widths_table(norm)
     parts.append(_img(plots, "widths", "kept fraction per layer") + (_html_table(wt) if wt else "")
                  or _missing("layer widths"))
+    lt = _llamacpp_table(norm)
+    if lt:
+        parts.append(f"<h2>{LLAMACPP_TITLE}</h2><p class=\"meta\">{html.escape(_llamacpp_meta(norm))}</p>"
+                     + _html_table(lt))
     if norm["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in norm["notes"]) + "</ul>")
     parts.append("<h2>Environment</h2>")
@@ -245,6 +278,9 @@ def render_markdown(norm, plot_paths: Dict[str, str]) -> str:
         out.append(_md_table(wt))
     else:
         out.append("_No layer widths recorded._")
+    lt = _llamacpp_table(norm)
+    if lt:
+        out += ["", f"## {LLAMACPP_TITLE}", "", _llamacpp_meta(norm), "", _md_table(lt)]
     if norm["notes"]:
         out += ["", "## Notes", ""] + [f"- {n}" for n in norm["notes"]]
     out += ["", "## Environment", ""]

@@ -41,176 +41,20 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-import yaml
 
 from prunekit.api import PruneResult
 from prunekit.batch import progress, split_batch
-from prunekit.config import Config, bounded, check_type, config_from_dict, register_config
-from prunekit.errors import ConfigError, RecoveryDiverged, RunError
+from prunekit.errors import RecoveryDiverged, RunError
 from prunekit.io.format import load, save
 from prunekit.measure.counts import count_params
 from prunekit.plan import Plan
 from prunekit.report.recorder import RunRecorder
 from prunekit.run.directory import Run, fingerprint, seed_everything
 from prunekit.run.executor import Executor, GateFailed
-from prunekit.run.schedule import Step, expand
+from prunekit.run.export import check_exports, run_exports
+from prunekit.run.recipe import Recipe, load_recipe, read_recipe_file  # noqa: F401  (the public names)
+from prunekit.run.schedule import Step
 from prunekit.sparse.masks import bake, masks, remask_from_zeros
-
-STAGE_KINDS = ("prune", "recover", "evaluate", "schedule")
-_STAGE_DEFAULT_TYPE = {"recover": "Recover", "evaluate": "EvalStage"}
-_STAGE_OPTIONS = {"prune": ("allocation",), "schedule": ("allocation",), "recover": (), "evaluate": ()}
-ALLOCATIONS = ("ratio", "sensitivity")
-
-
-@register_config
-@dataclasses.dataclass
-class Recipe(Config):
-    """A pruning job: global options and `stages` (one-key mappings, see the module docstring)."""
-    stages: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
-    seed: int = bounded(0, ge=0)
-    batch_size: int = bounded(64, ge=1)
-    train_limit: Optional[int] = bounded(4096, ge=1)
-    val_limit: Optional[int] = bounded(2000, ge=1)
-    calibration_batches: int = bounded(8, ge=1)
-    distill: bool = True
-
-    def __post_init__(self):
-        for n in ("seed", "batch_size", "calibration_batches"):
-            check_type("Recipe", n, getattr(self, n), int, "an int")
-        for n in ("train_limit", "val_limit"):
-            v = getattr(self, n)
-            if v is not None:
-                check_type("Recipe", n, v, int, "a positive int or null")
-        check_type("Recipe", "distill", self.distill, bool, "true or false")
-        if not isinstance(self.stages, list) or not self.stages:
-            raise ConfigError("Recipe.stages must be a non-empty list of stages, e.g. "
-                              "[{prune: {type: Structured, ratio: 0.5}}, {recover: {epochs: 1}}]")
-        self.stages = [normalize_stage(s, i) for i, s in enumerate(self.stages)]
-
-    def steps(self) -> List[Step]:
-        out = []
-        for i, st in enumerate(self.stages):
-            kind = next(k for k in st if k in STAGE_KINDS)
-            opts = {k: v for k, v in st.items() if k != kind}
-            out += expand(st[kind], label=f"stage {i + 1} {kind}", options=opts)
-        return out
-
-
-def normalize_stage(stage: Any, i: int) -> Dict[str, Any]:
-    """One stage as {kind: config object, option: value}; errors name the stage and the closest key."""
-    import difflib
-    where = f"Recipe.stages[{i}]"
-    if not isinstance(stage, dict):
-        raise ConfigError(f"{where} must be a mapping like {{prune: {{type: Structured, ratio: 0.5}}}}, got {stage!r}")
-    kinds = [k for k in stage if k in STAGE_KINDS]
-    if len(kinds) != 1:
-        unknown = [k for k in stage if k not in STAGE_KINDS]
-        close = difflib.get_close_matches(str(unknown[0]), STAGE_KINDS, n=1) if unknown and not kinds else []
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where} must have exactly one of {STAGE_KINDS}, got keys {sorted(stage)}{hint}")
-    kind = kinds[0]
-    out: Dict[str, Any] = {}
-    for k, v in stage.items():
-        if k == kind:
-            continue
-        if k not in _STAGE_OPTIONS[kind]:
-            valid = list(_STAGE_OPTIONS[kind])
-            close = difflib.get_close_matches(k, valid, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{where}: unknown key '{k}' for a {kind} stage{hint} Valid: {valid}")
-        if k == "allocation" and v not in ALLOCATIONS:
-            raise ConfigError(f"{where}.allocation must be one of {ALLOCATIONS}, got {v!r}")
-        out[k] = v
-    cfg = stage[kind]
-    if cfg is None:
-        cfg = {}
-    if isinstance(cfg, dict):
-        cfg = dict(cfg)
-        if "type" not in cfg:
-            if kind not in _STAGE_DEFAULT_TYPE:
-                raise ConfigError(f"{where}.{kind} needs a 'type' (e.g. Structured, Sparse, Iterative, Gradual)")
-            cfg["type"] = _STAGE_DEFAULT_TYPE[kind]
-        try:
-            cfg = config_from_dict(cfg)
-        except (ConfigError, TypeError) as e:
-            raise ConfigError(f"{where}.{kind}: {e}") from e
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"{where}.{kind} must be a config mapping, got {cfg!r}")
-    out[kind] = cfg
-    return out
-
-
-MAX_RECIPE_BYTES = 1 << 20          # a recipe is a few hundred bytes; anything near a MiB is not one
-MAX_RECIPE_DEPTH = 32               # stages > stage > config > importance > ... is about 6 deep
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases (no billion-laughs expansion: `*a` is an error, anchors alone are
-    harmless) and nesting deeper than MAX_RECIPE_DEPTH (instead of a RecursionError)."""
-
-    def __init__(self, stream, where: str):
-        super().__init__(stream)
-        self.where, self.depth = where, 0
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            ev = self.peek_event()
-            raise ConfigError(f"{self.where} line {ev.start_mark.line + 1}: YAML aliases (*{ev.anchor}) are not "
-                              f"allowed in recipes; write the value out in full")
-        self.depth += 1
-        if self.depth > MAX_RECIPE_DEPTH:
-            mark = self.peek_event().start_mark
-            raise ConfigError(f"{self.where} line {mark.line + 1}: nesting deeper than {MAX_RECIPE_DEPTH} levels; "
-                              f"a recipe is a short list of stages (see prunekit.run.pipeline)")
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-
-def read_recipe_file(path: Union[str, Path]) -> Any:
-    """Parse a YAML/JSON recipe file safely: size-limited, UTF-8 only, no aliases, bounded nesting."""
-    p = Path(path)
-    where = f"recipe '{p}'"
-    if not p.is_file():
-        raise ConfigError(f"{where}: file not found (or not a regular file); pass the path of a YAML/JSON recipe")
-    if p.stat().st_size > MAX_RECIPE_BYTES:
-        raise ConfigError(f"{where} is {p.stat().st_size} bytes, over the {MAX_RECIPE_BYTES}-byte limit for "
-                          f"recipes; is this the right file?")
-    raw = p.read_bytes()[:MAX_RECIPE_BYTES + 1]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{where} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it "
-                          f"as UTF-8") from None
-    loader = None
-    try:
-        loader = _RecipeLoader(text, where)
-        return loader.get_single_data()
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where} is not valid YAML/JSON: " + " ".join(str(e).split())) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def load_recipe(path_or_dict: Union[str, Path, Dict[str, Any]]) -> Recipe:
-    """A Recipe from a YAML/JSON file or a dict (`type: Recipe` optional)."""
-    if isinstance(path_or_dict, (str, Path)):
-        d = read_recipe_file(path_or_dict)
-    else:
-        d = path_or_dict
-    if isinstance(d, list):
-        d = {"stages": d}
-    if not isinstance(d, dict):
-        raise ConfigError(f"a recipe must be a mapping with 'stages' (or a list of stages), got {type(d).__name__}")
-    d = dict(d)
-    d.setdefault("type", "Recipe")
-    cfg = config_from_dict(d)
-    if not isinstance(cfg, Recipe):
-        raise ConfigError(f"expected a Recipe, got a {type(cfg).__name__}")
-    return cfg
-
 
 # --------------------------------------------------------------------------------------------- running
 
@@ -267,6 +111,7 @@ def run_pipeline(model: nn.Module, recipe: Union[Recipe, str, Path, dict], *, tr
         x = split_batch(train[0])[0]
         example_inputs = x[:1] if isinstance(x, torch.Tensor) else x
     steps = recipe.steps()
+    check_exports(recipe.exports(), out, describe)
     run = Run(out)
     with run.locked():
         run.check_or_write_config({"recipe": recipe.to_dict(), "describe": describe or {},
@@ -326,12 +171,24 @@ def _execute(run: Run, model: nn.Module, recipe: Recipe, steps: List[Step], *, t
     finally:
         bar.close()
     _save_model(ex.model, ex.plan, out / "model")
+    if status == "completed" and recipe.exports():
+        _export(run, rec, recipe, original, val=val, example_inputs=example_inputs, describe=describe)
     rec.data["final"] = {"status": status, "message": message, "steps_done": len(ex.history)}   # written by _record
     _record(rec, ex, original, recipe)
     if status == "completed":
         rec.finish()
     run.log(f"{status} {message}".rstrip())
     return PipelineResult(ex.model, status, out, ex.history, message, ex.plan)
+
+
+def _export(run: Run, rec: RunRecorder, recipe: Recipe, original: nn.Module, **kw) -> None:
+    """The recipe's export stages on the saved final model (what pk.load gives back) and the dense one."""
+    models = {"dense": original, "pruned": load(run.path / "model", model=copy.deepcopy(original)).eval()}
+    res = run_exports(recipe.exports(), models, run.path, log=run.log, **kw)
+    if res["llamacpp"]:
+        rec.set("llamacpp", res["llamacpp"])
+    for note in res["notes"]:
+        rec.add_note(note)
 
 
 def _restore(run: Run, ex: Executor, out: Path, n_steps: int) -> Optional[int]:
