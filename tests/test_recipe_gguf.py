@@ -37,7 +37,7 @@ def recipe(tok_dir, **export):
         {"prune": {"type": "Structured", "ratio": 0.5, "uniform": True}},
         {"evaluate": {"metric": "perplexity"}},
         {"export": {"format": "gguf", "dtype": "f32", "tokenizer": str(tok_dir), "windows": 2, "prompt_tokens": 16,
-                    "decode_tokens": 4, "reps": 1, **export}}]}
+                    "decode_tokens": 4, "reps": 1, "threads": 1, **export}}]}
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,9 @@ NOT_INSTALLED = "llama.cpp not installed (pip install llama-cpp-python): perplex
 @dataclasses.dataclass
 class Export(Config):
     """An export stage (see the module docstring). windows: validation rows for perplexity; prompt_tokens /
-    decode_tokens: the speed test; reps: interleaved repetitions (median); threads: llama.cpp threads."""
+    decode_tokens: the speed test; reps: interleaved repetitions (median); threads: llama.cpp threads, at most
+    the cores that are free (llama.cpp's workers spin at barriers: 2 threads on a 2-core machine with other
+    load measured ~0.5 s per token on a tiny model, 1 thread ~0.1 ms)."""
     format: str = "gguf"
     dtype: str = "f16"
     quant: Optional[str] = None
@@ -131,16 +133,20 @@ def lm_windows(val, n: int) -> List[List[int]]:
 
 
 def _speeds(paths: Dict[str, str], prompt: List[int], cfg: Export) -> Dict[str, Dict[str, float]]:
-    """{variant: median prefill/decode tokens/s}: the variants' runs interleaved, `reps` times."""
-    llms = {v: open_gguf(p, n_ctx=len(prompt) + cfg.decode_tokens + 8, threads=cfg.threads) for v, p in paths.items()}
-    runs: Dict[str, List[Dict[str, float]]] = {v: [] for v in llms}
-    try:
-        for _ in range(cfg.reps):
-            for v, llm in llms.items():
+    """{variant: median prefill/decode tokens/s}, the variants interleaved `reps` times. One file is open at a
+    time: the idle worker threads of a second open context compete for the cores (seen here: 10x swings on a
+    2-core machine), and each opening is warmed up (two short untimed runs: the first evals of a fresh file
+    pay for page faults and thread start-up, ~0.5 s each on a busy machine)."""
+    runs: Dict[str, List[Dict[str, float]]] = {v: [] for v in paths}
+    for _ in range(cfg.reps):
+        for v, path in paths.items():
+            llm = open_gguf(path, n_ctx=len(prompt) + cfg.decode_tokens + 8, threads=cfg.threads)
+            try:
+                for _ in range(2):
+                    gguf_speed(llm, prompt[:8], 2)
                 runs[v].append(gguf_speed(llm, prompt, cfg.decode_tokens))
-    finally:
-        for llm in llms.values():
-            llm.close()
+            finally:
+                llm.close()
     return {v: {k: statistics.median(r[k] for r in rs) for k in ("prefill_tok_s", "decode_tok_s")}
             for v, rs in runs.items()}
 
