@@ -111,3 +111,30 @@ def test_llm_recover_recipe_export_example_parses():
     (e,) = r.exports()
     assert (e.format, e.dtype, e.quant) == ("gguf", "f16", "q8_0") and len(r.steps()) == len(load_recipe(
         yaml.safe_load(text)).steps())
+
+
+def test_cli_recipe_takes_the_tokenizer_from_the_model_dir(tmp_path, monkeypatch):
+    """prunekit prune --model HF_DIR with an export stage and no tokenizer: key uses HF_DIR's tokenizer."""
+    hf_dir = tmp_path / "hf"
+    llama().save_pretrained(str(hf_dir))
+    TOK.save_pretrained(str(hf_dir))
+    (tmp_path / "lm_batches_mod.py").write_text(
+        "import torch\n"
+        "def batches(split, limit=None, **_):\n"
+        f"    g = torch.Generator().manual_seed(0 if split == 'train' else 1)\n"
+        f"    return [torch.randint(0, {V}, (2, 32), generator=g) for _ in range(2)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = recipe(tok_dir=None, measure=False)
+    del r["stages"][-1]["export"]["tokenizer"]
+    (tmp_path / "r.yaml").write_text(json.dumps(r))                 # JSON is YAML
+    run = tmp_path / "run"
+    assert pk.cli.main(["prune", "--model", str(hf_dir), "--data", "lm_batches_mod:batches", "--recipe",
+                        str(tmp_path / "r.yaml"), "--out", str(run), "--quiet"]) == 0
+    assert pk.cli.main(["report", str(run)]) == 0
+    rows = json.loads((run / "report" / "metrics.json").read_text())["llamacpp"]["rows"]
+    assert [(x["variant"], x["architecture"]) for x in rows] == [("dense", "llama"), ("pruned", "llama")]
+    from prunekit.export.gguf_vocab import tokenizer_fields
+    import gguf as G
+    toks = G.GGUFReader(str(run / "export" / "pruned.f32.gguf")).fields["tokenizer.ggml.tokens"]
+    written = [bytes(toks.parts[i]).decode() for i in toks.data]
+    assert len(written) == V and written == list(tokenizer_fields(str(hf_dir), V)["tokenizer.ggml.tokens"][0])

@@ -90,7 +90,11 @@ def _build(name):
     return FAMILIES[name](name)
 
 
-@pytest.mark.parametrize("name", sorted({*FAMILIES, *HEADS}))
+FAST = {"gpt2", "opt", "bert", "bert_cls", "falcon_mha", "llama_gqa"}     # the rest: make test-all
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted({*FAMILIES, *HEADS})])
 def test_uniform_from_pretrained_every_family(name, tmp_path):
     import warnings
     m, x = _build(name)
