@@ -142,3 +142,65 @@ def test_fsdp_option_checked():
     from prunekit.recover import Recover
     with pytest.raises(ConfigError, match="strategy"):
         Recover(strategy="zero3")
+
+
+# Token-budget recovery of a causal LM (recover/tokens.py) under torchrun: every global block of 2 rows is split
+# one row per process; DDP and FSDP2 take the single process's steps.
+TOKEN_SETUP = textwrap.dedent("""
+    import json, os, torch
+    torch.set_num_threads(1)
+    import transformers
+    from prunekit.recover import recover
+    from prunekit.io.atomic import save_safetensors_atomic
+
+    def llama(seed):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        return transformers.LlamaForCausalLM(cfg)
+
+    def run(out_dir):
+        g = torch.Generator().manual_seed(5)
+        docs = [torch.randint(1, 48, (5,), generator=g).repeat(3) for _ in range(24)]
+        seen = []
+        model = llama(0)
+        model.model.embed_tokens.register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
+        out = recover(model, teacher=llama(1), data=docs, tokens=320, seq_len=16, batch_size=2, loss="mixed",
+                      top_k=8, lr=5e-3, quiet=True, return_result=True, strategy=os.environ.get("STRATEGY", "ddp"))
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            save_safetensors_atomic(out.model.state_dict(), os.path.join(out_dir, "weights.safetensors"))
+        with open(os.path.join(out_dir, f"seen-{rank}.json"), "w") as f:
+            json.dump({"seen": seen, "history": out.history, "steps": out.steps}, f)
+""")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_token_recovery_under_torchrun_matches_one_process(tmp_path, strategy):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    (tmp_path / "ddp_setup.py").write_text(TOKEN_SETUP)
+    (tmp_path / "worker.py").write_text("import sys; from ddp_setup import run; run(sys.argv[1])\n")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "STRATEGY": strategy}
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+    ref = subprocess.run([sys.executable, "-c", f"from ddp_setup import run; run({str(one)!r})"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "worker.py"), str(two)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    single = json.loads((one / "seen-0.json").read_text())
+    ranks = [json.loads((two / f"seen-{r}.json").read_text()) for r in (0, 1)]
+    assert set(single["seen"]) == {2} and all(set(r["seen"]) == {1} for r in ranks)      # one row per process
+    assert single["steps"] == ranks[0]["steps"] == ranks[1]["steps"] == 10
+    w1, w2 = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    for h1, h2 in zip(single["history"], ranks[0]["history"]):
+        assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-4)

@@ -25,7 +25,8 @@ def test_slices_load_with_tags_and_evaluate_per_slice():
                      batch_size=4)
     ids, tags = b[0]
     assert ids.shape == (4, 32) and ids.dtype == torch.long
-    assert [t for _, ts in b for t in ts] == ["python"] * 3 + ["de"] * 3 + ["ru"] * 3
+    assert [t for _, ts in b for t in ts] == ["python", "de", "ru"] * 3      # interleaved: any prefix has all
+    assert list(b[0][1]) == ["python", "de", "ru", "python"]
     assert lm.skipped_files == []                       # every packaged file decoded as UTF-8
     ru = next(iter(lm.lm_slice_texts("ru")))
     assert any("\u0400" <= c <= "\u04ff" for c in ru)   # Cyrillic, not mojibake

@@ -31,7 +31,7 @@ from prunekit.measure.counts import count_params
 from prunekit.measure.latency import measure_latency
 from prunekit.report.write import write_report
 from prunekit.run.pipeline import load_recipe, run_pipeline
-from prunekit.zoo import ZOO, resolve_model
+from prunekit.zoo import ZOO, resolve_model, resolve_tokenizer
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
@@ -62,7 +62,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="run a pruning recipe into a run directory")
     model_args(pr)
-    pr.add_argument("--data", required=True, help="dataset name or package.module:function")
+    pr.add_argument("--data", required=True, help="dataset name or package.module:function (its test split "
+                    "evaluates; its train split calibrates and recovers unless --train-data is given)")
+    pr.add_argument("--train-data", help="dataset for calibration and recovery (train split), e.g. austen-lm for "
+                    "a causal LM evaluated on --data lm-slices")
     pr.add_argument("--recipe", required=True, help="recipe YAML/JSON file (see prunekit.pipeline)")
     pr.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
     pr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -114,11 +117,29 @@ def _model(spec: str, factory: Optional[str]):
         raise CLIError(f"--model '{spec}': {e}") from e
 
 
-def _data(spec: str, split: str, batch_size: Optional[int] = None, limit: Optional[int] = None):
+def _data(spec: str, split: str, batch_size: Optional[int] = None, limit: Optional[int] = None, tokenizer=None,
+          flag: str = "--data"):
+    """A dataset's split; text datasets that cut token windows get the model's tokenizer (and their own default
+    batch size: an LM's logits over a big batch of long windows would not fit in memory)."""
+    kw = {"tokenizer": tokenizer} if tokenizer is not None and pkdata.takes_tokenizer(spec) else {}
     try:
-        return pkdata.load(spec, split, batch_size=batch_size, limit=limit)
+        return pkdata.load(spec, split, batch_size=None if kw else batch_size, limit=limit, **kw)
     except (DataError, FileNotFoundError, ImportError) as e:
-        raise CLIError(f"--data '{spec}': {e}") from e
+        raise CLIError(f"{flag} '{spec}': {e}") from e
+
+
+def _tokenizer(spec: str, *data_specs: str):
+    """The model's own tokenizer (zoo LLM or Hugging Face directory), or None; checked before anything loads
+    when a dataset needs one to cut token windows."""
+    try:
+        tok = resolve_tokenizer(spec)
+    except (OSError, ValueError, ImportError) as e:
+        raise CLIError(f"--model '{spec}': its tokenizer does not load ({e}); fix or remove the tokenizer files") from e
+    needs = [d for d in data_specs if d and pkdata.takes_tokenizer(d)]
+    if needs and tok is None:
+        raise CLIError(f"--data '{needs[0]}' is text cut into token windows, but --model '{spec}' has no tokenizer "
+                       f"(no tokenizer files in its directory); give a language model saved with its tokenizer")
+    return tok
 
 
 def _load_pruned(model, path: str):
@@ -155,11 +176,14 @@ def cmd_prune(a) -> int:
         raise CLIError(f"--recipe: file '{a.recipe}' does not exist")
     recipe = load_recipe(a.recipe)
     _writable_dir(a.out, "--out")
+    tok = _tokenizer(a.model, a.data, a.train_data)
     model = _model(a.model, a.factory)
-    train = _data(a.data, "train", recipe.batch_size, recipe.train_limit)
-    val = _data(a.data, "test", max(recipe.batch_size, 256), recipe.val_limit)
+    train = _data(a.train_data or a.data, "train", recipe.batch_size, recipe.train_limit, tok,
+                  "--train-data" if a.train_data else "--data")
+    val = _data(a.data, "test", max(recipe.batch_size, 256), recipe.val_limit, tok)
     res = run_pipeline(model, recipe, train=train, val=val, out=a.out, resume=a.resume, quiet=a.quiet,
-                       describe={"model": a.model, "data": a.data, "recipe": str(a.recipe)})
+                       describe={"model": a.model, "data": a.data, "train_data": a.train_data or a.data,
+                                 "recipe": str(a.recipe)})
     print(f"{res.status}: run directory {res.run_dir} (final model in {res.run_dir / 'model'})")
     if res.message:
         print(res.message)
@@ -169,12 +193,16 @@ def cmd_prune(a) -> int:
 def cmd_eval(a) -> int:
     _positive(a.limit, "--limit")
     _positive(a.batch_size, "--batch-size")
+    tok = _tokenizer(a.model, a.data)
     model = _model(a.model, a.factory)
     if a.pruned:
         model = _load_pruned(model, a.pruned)
-    data = _data(a.data, "test", a.batch_size, a.limit)
+    data = _data(a.data, "test", a.batch_size, a.limit, tok)
     res = evaluate(model, data, a.metric)
-    print(json.dumps({"metric": a.metric, "value": res.value, "params": count_params(model)}))
+    out = {"metric": a.metric, "value": res.value, "params": count_params(model)}
+    if len(res.slices) > 1:
+        out["slices"] = {str(k): v["value"] for k, v in res.slices.items()}
+    print(json.dumps(out))
     return 0
 
 

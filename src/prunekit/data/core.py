@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -94,6 +95,12 @@ def register_dataset(name: str):
 def available() -> List[str]:
     """Names accepted by `load` (besides `module:function` specs)."""
     return sorted(_DATASETS)
+
+
+def takes_tokenizer(spec: str) -> bool:
+    """Whether the built-in dataset `spec` cuts token windows with a `tokenizer=` argument (LM text data)."""
+    fn = _DATASETS.get(spec)
+    return fn is not None and "tokenizer" in inspect.signature(fn).parameters
 
 
 def load(spec: str, split: str = "train", batch_size: Optional[int] = None, limit: Optional[int] = None, **kwargs):

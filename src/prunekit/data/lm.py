@@ -110,6 +110,9 @@ def recovery_texts() -> Iterator[str]:
 
 def _windows(docs: Iterator[str], tokenizer, length: int, count: int, name: str) -> torch.Tensor:
     """`count` non-overlapping windows of `length` tokens from the documents joined by blank lines."""
+    if tokenizer is None:
+        raise DataError(f"dataset '{name}' cuts token windows and needs tokenizer=<the model's tokenizer> (the CLI "
+                        f"passes the one saved with --model)")
     ids: List[int] = []
     need = length * count
     for doc in docs:
@@ -132,10 +135,23 @@ def lm_slices(tokenizer, length: int = 256, windows: int = 16, slices: Sequence[
 @register_dataset("lm-slices")
 def lm_slices_dataset(split: str = "test", batch_size: int = 4, limit: Optional[int] = None, tokenizer=None,
                       length: int = 256, windows: int = 16, slices: Sequence[str] = LM_SLICES) -> Batches:
-    """Batches of (input_ids [B, length], slice tags [B]) over every slice; evaluation only (both splits
+    """Batches of (input_ids [B, length], slice tags [B]), slices interleaved window by window so a prefix
+    (`limit`, `max_batches`) still covers every slice; evaluation only (both splits
     give the test windows: recovery text comes from `recovery_texts()`)."""
     per = lm_slices(tokenizer, length, windows, slices)
-    ids = torch.cat(list(per.values()))
-    tags = [s for s, w in per.items() for _ in range(len(w))]
+    order = [(s, i) for i in range(windows) for s in per]          # round robin: any prefix covers every slice
+    ids = torch.stack([per[s][i] for s, i in order])
+    tags = [s for s, _ in order]
     n = limit if limit is not None else len(tags)
     return Batches(ids[:n], tags[:n], batch_size)
+
+
+@register_dataset("austen-lm")
+def austen_lm_dataset(split: str = "train", batch_size: int = 1, limit: Optional[int] = None, tokenizer=None,
+                      length: int = 256, windows: int = 512) -> Batches:
+    """Token windows for causal LMs, inputs only (LongTensor [B, length] batches): split "train" cuts them from
+    `recovery_texts()` (calibration and recovery), "test" from the held-out book (the english slice of
+    lm-slices). Label-free: distillation and the LM loss need no targets."""
+    docs = recovery_texts() if split == "train" else lm_slice_texts("english")
+    n = windows if limit is None else min(windows, limit)
+    return Batches(_windows(docs, tokenizer, length, n, f"austen-lm/{split}"), None, batch_size)
