@@ -9,15 +9,19 @@ Variants (all pruned with data-aware importance on calibration windows of Pride 
             groups (3 of 9 query heads) and 25% of the FFN per layer
     depth   pk.Layers(n=6): 6 of 30 blocks (block influence)
     both    width, then depth
+    <v>+kd  with --recover-tokens N: each pruned variant distilled from dense on N tokens of the other Austen
+            novels (pk.precompute_teacher once, then pk.recover(teacher=cache, loss="kd"))
 Measured in llama.cpp (llama-cpp-python 0.3.36), 2 threads: prefill tokens/s of a 512-token prompt and decode
 tokens/s of 128 greedy tokens (default F16 KV cache, as users run it), all files interleaved in one loop, medians
-over --reps; perplexity on held-out 512-token windows (after the calibration windows) computed in llama.cpp
+over --reps; perplexity on held-out 512-token windows of "Persuasion" (the book no calibration or recovery text
+comes from) computed in llama.cpp
 (F32 KV cache) next to PyTorch float32 perplexity of the same weights (pk.evaluate). Ratios are against dense
 in the same run: weight bytes (GGUF tensor data), prefill MACs (pk.count_macs on the 512-token prompt).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -34,7 +38,7 @@ import gguf  # noqa: E402,F401  (the real package is in sys.modules before this 
 import prunekit as pk  # noqa: E402
 from prunekit.export.gguf import export_gguf  # noqa: E402
 from prunekit.measure.env import environment_info  # noqa: E402
-from prunekit.measure.llamacpp import gguf_perplexity, gguf_speed, open_gguf  # noqa: E402
+from prunekit.measure.llamacpp import gguf_perplexity, interleaved_speeds  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from smollm2 import load_model, source_gguf  # noqa: E402
@@ -76,19 +80,27 @@ def shape_of(model) -> dict:
 
 
 def timed(files, prompt, n_decode, reps, threads):
-    """Interleaved prefill/decode timing of every file; medians."""
-    llms = {k: open_gguf(p, n_ctx=WINDOW + n_decode + 8, threads=threads, f32_cache=False) for k, p in files.items()}
-    for llm in llms.values():
-        gguf_speed(llm, prompt[:64], 4)                                   # warm-up
-    runs = {k: [] for k in llms}
-    for r in range(reps):
-        for k, llm in llms.items():
-            runs[k].append(gguf_speed(llm, prompt, n_decode))
-        print(f"  speed rep {r + 1}/{reps} done", flush=True)
-    for llm in llms.values():
-        llm.close()
-    return {k: {m: statistics.median(x[m] for x in v) for m in ("prefill_tok_s", "decode_tok_s")}
-            for k, v in runs.items()}
+    """Interleaved prefill/decode timing of every file (one open at a time, each opening warmed up); medians."""
+    return interleaved_speeds(files, prompt, n_decode, reps, threads=threads, f32_cache=False)
+
+
+def recovered(models, dense, tok, tokens, work: Path, seq_len=256):
+    """{"<variant>+kd": the variant distilled from dense for `tokens` tokens}: the teacher's top-64 targets on
+    the recovery texts are computed once (pk.precompute_teacher) and shared by every variant."""
+    if not tokens:
+        return {}
+    cache = pk.precompute_teacher(dense, pk.data.recovery_texts, work / f"teacher-{tokens}-{seq_len}", tokenizer=tok,
+                                  tokens=tokens, seq_len=seq_len, top_k=64, temperature=1.0)
+    out = {}
+    for name, m in models.items():
+        if name == "dense":
+            continue
+        t = time.perf_counter()
+        r = pk.recover(copy.deepcopy(m), teacher=cache, tokens=tokens, seq_len=seq_len, loss="kd", top_k=64,
+                       temperature=1.0, lr=3e-4, warmup=0.1, quiet=True, return_result=True)
+        out[f"{name}+kd"] = r.model.eval()
+        print(f"recovered {name}: {tokens} tokens in {time.perf_counter() - t:.0f}s", flush=True)
+    return out
 
 
 def markdown(rows) -> str:
@@ -115,16 +127,21 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/prunekit-gguf-bench", help="where the GGUF files go")
     ap.add_argument("--out", default=None, help="write results JSON here")
+    ap.add_argument("--recover-tokens", type=int, default=0,
+                    help="also export every pruned variant after KD recovery on this many tokens (0: none)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     model, tok = load_model()
-    ids = tok("\n".join(pk.data.austen_books()["prideprejudice"]), return_tensors="pt").input_ids[0]
-    wins = [ids[i * WINDOW:(i + 1) * WINDOW][None] for i in range(a.calib + a.windows)]
-    calib, held = wins[:a.calib], wins[a.calib:]
+    books = pk.data.austen_books()
+    cal_ids = tok("\n".join(books["prideprejudice"]), return_tensors="pt").input_ids[0]
+    held_ids = tok("\n".join(books["persuasion"]), return_tensors="pt").input_ids[0]   # never calibrated/trained on
+    calib = [cal_ids[i * WINDOW:(i + 1) * WINDOW][None] for i in range(a.calib)]
+    held = [held_ids[i * WINDOW:(i + 1) * WINDOW][None] for i in range(a.windows)]
     work = Path(a.workdir)
     models = variants(model, calib, work)
     print(f"pruned in {time.perf_counter() - t0:.0f}s", flush=True)
+    models.update(recovered(models, model, tok, a.recover_tokens, work))
     result = {"command": "python benchmarks/gguf.py " + " ".join(sys.argv[1:]), "threads": a.threads,
               "window": WINDOW, "calib_windows": a.calib, "heldout_windows": a.windows, "decode_tokens": a.decode,
               "reps": a.reps, "env": environment_info()}

@@ -7,6 +7,7 @@ would hide export errors in the comparison.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
@@ -90,3 +91,23 @@ def gguf_speed(llm, prompt: Sequence[int], n_decode: int) -> Dict[str, float]:
         llm.eval([int(np.argmax(_last_logits(llm)))])
     t2 = time.perf_counter()
     return {"prefill_tok_s": len(prompt) / (t1 - t0), "decode_tok_s": n_decode / (t2 - t1)}
+
+
+def interleaved_speeds(paths: Dict[str, Union[str, Path]], prompt: Sequence[int], n_decode: int, reps: int,
+                       threads: int = 2, f32_cache: bool = False) -> Dict[str, Dict[str, float]]:
+    """{name: median prefill/decode tokens/s} of GGUF files timed in turn, `reps` rounds. One file is open at a
+    time: the idle worker threads of a second open context compete for the cores (seen here: 10x swings on a
+    2-core machine), and each opening is warmed up (two short untimed runs: the first evals of a fresh file
+    pay for page faults and thread start-up, ~0.5 s each on a busy machine)."""
+    runs: Dict[str, List[Dict[str, float]]] = {k: [] for k in paths}
+    for _ in range(reps):
+        for k, path in paths.items():
+            llm = open_gguf(path, n_ctx=len(prompt) + n_decode + 8, threads=threads, f32_cache=f32_cache)
+            try:
+                for _ in range(2):
+                    gguf_speed(llm, prompt[:8], 2)
+                runs[k].append(gguf_speed(llm, prompt, n_decode))
+            finally:
+                llm.close()
+    return {k: {m: statistics.median(r[m] for r in rs) for m in ("prefill_tok_s", "decode_tok_s")}
+            for k, rs in runs.items()}
