@@ -124,3 +124,19 @@ def test_uniform_from_pretrained_every_family(name, tmp_path):
     with torch.no_grad():
         got = test_hf_any.outputs(again(**x))
     assert len(got) == len(y) and all(torch.equal(a, b) for a, b in zip(got, y))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "falcon_mha"])
+def test_hidden_follows_heads_at_any_ratio(name, tmp_path):
+    """3 of 4 heads and 70% of the FFN: hidden = 3 * head_dim, and the FFN width is written even where the
+    dense config left it implicit (GPT-2's n_inner=None means 4 * hidden, which 180 is not)."""
+    m, x = _build(name)
+    hd = m.config.hidden_size // m.config.num_attention_heads
+    r = pk.prune(m, pk.Structured(ratio=0.3, importance="l2", uniform=True), example_inputs=x)
+    sizes = layer_sizes(r.model, m.config)
+    assert sizes["heads"] == [3, 3] and r.plan.hf_config_exact
+    pk.save(r, tmp_path)
+    again = type(m).from_pretrained(str(tmp_path)).eval()
+    assert again.config.hidden_size == 3 * hd
+    with torch.no_grad():
+        assert torch.equal(again(**x).logits, r.model(**x).logits)

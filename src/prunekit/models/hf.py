@@ -253,16 +253,19 @@ def _fit(current, values: List, cfg):
     return int(v)
 
 
-def _set(cfg, fields, values) -> bool:
-    """Write `values` into the first stored field of `fields`; False when the config cannot hold them."""
-    for f in fields:
-        if f in cfg.to_dict() and getattr(cfg, f, None) is not None:
-            v = _fit(getattr(cfg, f), values, cfg)
-            if v is None:
-                return False
-            if v != getattr(cfg, f) and _settable(cfg, f):
-                setattr(cfg, f, v)
-            return True
+def _set(cfg, fields, values, fill_none: bool = False) -> bool:
+    """Write `values` into the first stored field of `fields`; False when the config cannot hold them.
+    fill_none: when no field holds a value, one stored as None (GPT-2's n_inner: "4 * hidden") is set."""
+    stored = [f for f in fields if f in cfg.to_dict()]
+    chosen = [f for f in stored if getattr(cfg, f, None) is not None] or (stored if fill_none and values else [])
+    if not chosen:
+        return True
+    f, current = chosen[0], getattr(cfg, chosen[0])
+    v = _fit(0 if current is None else current, values, cfg)
+    if v is None:
+        return False
+    if v != current and _settable(cfg, f):
+        setattr(cfg, f, v)
     return True
 
 
@@ -280,7 +283,7 @@ def _rewrite_scope(cfg, base, sizes: Dict[str, List]) -> bool:
                                      and _set(cfg, moe.TOP_K_FIELDS, sizes["top_k"])
                                      and _set(cfg, moe.EXPERT_WIDTH_FIELDS, sizes["expert_ffn"])):
         return False
-    if any(f in cfg.to_dict() for f in FFN_FIELDS) and not _set(cfg, FFN_FIELDS, sizes["ffn"]):
+    if any(f in cfg.to_dict() for f in FFN_FIELDS) and not _set(cfg, FFN_FIELDS, sizes["ffn"], fill_none=True):
         return False
     return _set(cfg, ("mlp_ratio",), sizes["ffn_ratio"])    # Dinov2 stores a ratio (and keeps unknown kwargs)
 
