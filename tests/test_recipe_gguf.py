@@ -138,3 +138,17 @@ def test_cli_recipe_takes_the_tokenizer_from_the_model_dir(tmp_path, monkeypatch
     toks = G.GGUFReader(str(run / "export" / "pruned.f32.gguf")).fields["tokenizer.ggml.tokens"]
     written = [bytes(toks.parts[i]).decode() for i in toks.data]
     assert len(written) == V and written == list(tokenizer_fields(str(hf_dir), V)["tokenizer.ggml.tokens"][0])
+
+
+def test_tokenizer_resolution_order(tmp_path, tok_dir):
+    from prunekit.run.export import Export, resolve_tokenizer
+    run = tmp_path / "run"
+    src = tmp_path / "src.gguf"
+    assert resolve_tokenizer(Export(tokenizer="a.gguf"), run, {"tokenizer": str(src)}) == "a.gguf"
+    assert resolve_tokenizer(Export(), run, {"tokenizer": str(src), "model": str(tok_dir)}) == str(src)
+    assert resolve_tokenizer(Export(), run, {"model": str(tok_dir)}) == str(tok_dir)
+    TOK.save_pretrained(str(run / "model"))
+    assert resolve_tokenizer(Export(), run, {"model": str(tok_dir)}) == str(run / "model")
+    assert resolve_tokenizer(Export(), tmp_path / "other", {"model": "smollm2-135m"}) is None
+    from prunekit.zoo import GGUF_SOURCES
+    assert "smollm2-135m" in GGUF_SOURCES        # prunekit prune --model smollm2-135m: describe["tokenizer"]

@@ -31,7 +31,7 @@ from prunekit.measure.counts import count_params
 from prunekit.measure.latency import measure_latency
 from prunekit.report.write import write_report
 from prunekit.run.pipeline import load_recipe, run_pipeline
-from prunekit.zoo import ZOO, resolve_model, resolve_tokenizer
+from prunekit.zoo import GGUF_SOURCES, ZOO, resolve_model, resolve_tokenizer
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
@@ -181,9 +181,11 @@ def cmd_prune(a) -> int:
     train = _data(a.train_data or a.data, "train", recipe.batch_size, recipe.train_limit, tok,
                   "--train-data" if a.train_data else "--data")
     val = _data(a.data, "test", max(recipe.batch_size, 256), recipe.val_limit, tok)
+    describe = {"model": a.model, "data": a.data, "train_data": a.train_data or a.data, "recipe": str(a.recipe)}
+    if recipe.exports() and a.model in GGUF_SOURCES:      # a GGUF export copies the source GGUF's tokenizer
+        describe["tokenizer"] = str(GGUF_SOURCES[a.model]())
     res = run_pipeline(model, recipe, train=train, val=val, out=a.out, resume=a.resume, quiet=a.quiet,
-                       describe={"model": a.model, "data": a.data, "train_data": a.train_data or a.data,
-                                 "recipe": str(a.recipe)})
+                       describe=describe)
     print(f"{res.status}: run directory {res.run_dir} (final model in {res.run_dir / 'model'})")
     if res.message:
         print(res.message)

@@ -212,6 +212,8 @@ def smollm2_135m() -> nn.Module:
 
 ZOO: Dict[str, Callable[..., nn.Module]] = {"fashion-mnist-cnn": fashion_mnist_cnn, "smollm2-135m": smollm2_135m}
 TOKENIZER_DIRS: Dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_dir}
+# the GGUF a zoo LLM comes from: tokenizer and chat template of a recipe's GGUF export (run.export)
+GGUF_SOURCES: Dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_source}
 
 
 def resolve_tokenizer(spec: str):

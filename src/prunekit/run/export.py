@@ -10,7 +10,8 @@ format: gguf   run_dir/export/pruned.<dtype>.gguf (+ pruned.<quant>.gguf) by pk.
                the same engine. With llama-cpp-python importable each file is run in llama.cpp: perplexity on the
                run's validation windows (next to PyTorch's on the same windows), prefill and decode tokens/s
                (dense and pruned interleaved, median of `reps`); without it the rows have file sizes and say so.
-               tokenizer: a source .gguf or a Hugging Face tokenizer directory; default: the run's model
+               tokenizer: a source .gguf or a Hugging Face tokenizer directory; default: `describe["tokenizer"]`
+               (`prunekit prune --model smollm2-135m` puts the zoo model's source GGUF there), the run's model
                directory, then the model directory the run was started from (`describe["model"]`).
 format: onnx   run_dir/export/pruned.onnx by export_onnx (checked against PyTorch in ONNX Runtime when installed).
 The run's final model is always saved as safetensors + plan in run_dir/model (pk.save), so that is not a format.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -34,7 +34,7 @@ from prunekit.errors import ConfigError, ExportError
 from prunekit.evaluate import evaluate
 from prunekit.export.gguf import export_gguf
 from prunekit.export.onnx import export_onnx
-from prunekit.measure.llamacpp import gguf_perplexity, gguf_speed, open_gguf
+from prunekit.measure.llamacpp import gguf_perplexity, interleaved_speeds
 
 FORMATS = ("gguf", "onnx")
 GGUF_DTYPES = ("f32", "f16")
@@ -87,9 +87,12 @@ def _has_tokenizer(d: Path) -> bool:
 
 
 def resolve_tokenizer(cfg: Export, run_dir: Path, describe: Optional[Dict[str, Any]]) -> Optional[str]:
-    """The tokenizer source of a gguf export: cfg.tokenizer, the run's model dir, the source model dir."""
+    """The tokenizer source of a gguf export: cfg.tokenizer, the run's `describe["tokenizer"]` (the CLI puts a
+    zoo LLM's source GGUF there), the run's model dir, the source model dir."""
     if cfg.tokenizer is not None:
         return cfg.tokenizer
+    if (describe or {}).get("tokenizer"):
+        return str(describe["tokenizer"])
     for d in (run_dir / "model", Path(str((describe or {}).get("model", "")))):
         if str(d) not in ("", ".") and _has_tokenizer(d):
             return str(d)
@@ -132,25 +135,6 @@ def lm_windows(val, n: int) -> List[List[int]]:
     return rows[:n]
 
 
-def _speeds(paths: Dict[str, str], prompt: List[int], cfg: Export) -> Dict[str, Dict[str, float]]:
-    """{variant: median prefill/decode tokens/s}, the variants interleaved `reps` times. One file is open at a
-    time: the idle worker threads of a second open context compete for the cores (seen here: 10x swings on a
-    2-core machine), and each opening is warmed up (two short untimed runs: the first evals of a fresh file
-    pay for page faults and thread start-up, ~0.5 s each on a busy machine)."""
-    runs: Dict[str, List[Dict[str, float]]] = {v: [] for v in paths}
-    for _ in range(cfg.reps):
-        for v, path in paths.items():
-            llm = open_gguf(path, n_ctx=len(prompt) + cfg.decode_tokens + 8, threads=cfg.threads)
-            try:
-                for _ in range(2):
-                    gguf_speed(llm, prompt[:8], 2)
-                runs[v].append(gguf_speed(llm, prompt, cfg.decode_tokens))
-            finally:
-                llm.close()
-    return {v: {k: statistics.median(r[k] for r in rs) for k in ("prefill_tok_s", "decode_tok_s")}
-            for v, rs in runs.items()}
-
-
 def _measure_gguf(files: List[Dict[str, Any]], models: Dict[str, nn.Module], val, cfg: Export) -> None:
     """Fill perplexity (llama.cpp and PyTorch, same windows) and speed into the file rows; ratios vs dense."""
     windows = lm_windows(val, cfg.windows)
@@ -158,7 +142,9 @@ def _measure_gguf(files: List[Dict[str, Any]], models: Dict[str, nn.Module], val
     torch_ppl = {v: evaluate(m, [torch.tensor([w]) for w in windows], "perplexity").value for v, m in models.items()}
     for dtype in dict.fromkeys(f["dtype"] for f in files):
         rows = {f["variant"]: f for f in files if f["dtype"] == dtype}
-        for v, speed in _speeds({v: r["path"] for v, r in rows.items()}, prompt, cfg).items():
+        speeds = interleaved_speeds({v: r["path"] for v, r in rows.items()}, prompt, cfg.decode_tokens, cfg.reps,
+                                    threads=cfg.threads)
+        for v, speed in speeds.items():
             rows[v].update(speed, perplexity=gguf_perplexity(rows[v]["path"], windows, threads=cfg.threads),
                            pytorch_perplexity=torch_ppl[v])
         dense = rows.get("dense")
