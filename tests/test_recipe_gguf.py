@@ -152,3 +152,15 @@ def test_tokenizer_resolution_order(tmp_path, tok_dir):
     assert resolve_tokenizer(Export(), tmp_path / "other", {"model": "smollm2-135m"}) is None
     from prunekit.zoo import GGUF_SOURCES
     assert "smollm2-135m" in GGUF_SOURCES        # prunekit prune --model smollm2-135m: describe["tokenizer"]
+
+
+def test_recipe_exports_onnx(tmp_path):
+    pytest.importorskip("onnx", reason="format: onnx needs onnx (pip install 'prunekit[export]')")
+    pytest.importorskip("onnxruntime", reason="format: onnx checks the file in ONNX Runtime")
+    from test_pipeline import Net, batches
+    r = {"stages": [{"prune": {"type": "Structured", "ratio": 0.5}}, {"export": {"format": "onnx"}}]}
+    res = run_pipeline(Net(), r, train=batches(), val=batches(seed=1), out=tmp_path / "r", quiet=True)
+    assert res.status == "completed" and (res.run_dir / "export" / "pruned.onnx").stat().st_size > 0
+    notes = json.loads((res.run_dir / "metrics.json").read_text())["notes"]
+    assert any(n.startswith("ONNX export:") for n in notes) and "llamacpp" not in json.loads(
+        (res.run_dir / "metrics.json").read_text())
