@@ -14,7 +14,9 @@ class existed ("prunekit.structured/1", "prunekit.layers/1", "prunekit.sparse/1"
     add_bias        linear layers that gained a bias from bias compensation
     steps           configs of the structured steps composed into this plan (schedules)
     blocks          layers: dotted path of the block list; sparse: the block-stack prefix
-    removed_layers  layers: indices of the dropped blocks
+    removed_layers  layers: indices of the dropped blocks in `blocks`
+    removed_blocks  layers: dotted names (`<block list>.<index>`) of dropped blocks inside the stages of a
+                    hierarchical model (Swin, ConvNeXt, ResNet stages), when they are not all in `blocks`
     layers          sparse: per target layer {"method", "sparsity", "pattern", "shape", "layout"}
     owl, allocation sparse: per-block allocation details (None when uniform)
     experts         sparse: stacked MoE expert weights pruned, {name: {"method", "sparsity"}}
@@ -54,6 +56,7 @@ class Plan:
     steps: List[Any] = dataclasses.field(default_factory=list)
     blocks: Optional[str] = None
     removed_layers: List[int] = dataclasses.field(default_factory=list)
+    removed_blocks: List[str] = dataclasses.field(default_factory=list)
     layers: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     owl: Optional[Dict[str, Any]] = None
     allocation: Optional[Dict[str, Any]] = None
@@ -74,7 +77,8 @@ class Plan:
     @property
     def is_empty(self) -> bool:
         """True when replaying it changes nothing (no slices, attributes, dropped layers or conversions)."""
-        return not (self.kept or self.attrs or self.removed_layers or self.convert_mha or self.add_bias)
+        return not (self.kept or self.attrs or self.removed_layers or self.removed_blocks or self.convert_mha
+                    or self.add_bias)
 
     def kept_by_dim(self) -> Dict[str, Dict[int, List[int]]]:
         """`kept` with integer dims, as `structured.surgery.apply_kept` takes it."""
@@ -90,7 +94,7 @@ class Plan:
             if f.name == "kind":
                 continue
             v = getattr(self, f.name)
-            if f.name in ("kept", "attrs") or (v not in (None, [], {}) and not (f.name == "hf_config_exact"
+            if f.name in ("kept", "attrs") or (f.name == "removed_layers" and self.kind == "layers") or (v not in (None, [], {}) and not (f.name == "hf_config_exact"
                                                                                and self.hf_class is None)):
                 out[f.name] = v
         return out

@@ -35,7 +35,8 @@ import torch.nn as nn
 from prunekit.batch import call_batch, eval_mode, map_tensors, model_device
 from prunekit.errors import ConfigError, GraphError, InputTypeError
 
-__all__ = ["find_blocks", "chain_break", "ActivationBuffer", "capture_block_inputs", "run_layerwise", "run_whole"]
+__all__ = ["find_blocks", "chain_break", "hidden_input", "hidden_output", "ActivationBuffer", "capture_block_inputs",
+           "run_layerwise", "run_whole"]
 
 Observe = Callable[[int, str, nn.Module], List[Any]]   # returns hook handles (anything with .remove())
 Update = Callable[[int, str, nn.Module], None]
@@ -80,10 +81,12 @@ def chain_break(model: nn.Module, layers: nn.ModuleList, batch: Dict[str, Any]) 
     index = {id(b): i for i, b in enumerate(layers)}
 
     def pre(mod, args, kwargs):
-        calls.append([index[id(mod)], _hidden_or_none(tuple(args), dict(kwargs)), None])
+        h = hidden_input(tuple(args), dict(kwargs))
+        extra = _strip_cache(tuple(args[1:]) if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        calls.append([index[id(mod)], h, None, extra])
 
     def post(mod, _args, _kwargs, out):
-        calls[-1][2] = out if isinstance(out, torch.Tensor) else _first_tensor(out)
+        calls[-1][2] = out if isinstance(out, torch.Tensor) else hidden_output(out)
 
     handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in layers]
     handles += [b.register_forward_hook(post, with_kwargs=True) for b in layers]
@@ -96,18 +99,38 @@ def chain_break(model: nn.Module, layers: nn.ModuleList, batch: Dict[str, Any]) 
     order = [c[0] for c in calls]
     if order != list(range(len(layers))):
         return f"its blocks run in the order {order[:8]}{'...' if len(order) > 8 else ''}, not once each in turn"
-    for (i, _, out), (j, nxt, _) in zip(calls, calls[1:]):
+    for (i, _, out, extra), (j, nxt, _, nxt_extra) in zip(calls, calls[1:]):
         if out is None or nxt is None or out.shape != nxt.shape or not (out is nxt or torch.equal(out, nxt)):
             return f"block {j} does not receive block {i}'s output as its input"
+        if not _same(extra, nxt_extra):     # replayed blocks all get block 0's other arguments
+            return (f"block {j} receives other arguments than block {i} (e.g. per-stage sizes or per-layer "
+                    f"masks), and replayed blocks would all get block 0's")
     return None
 
 
-def _hidden_or_none(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+def _same(a: Any, b: Any) -> bool:
+    """Equal call arguments: tensors by value, containers item by item, anything else by ==."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and (a is b or torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:               # objects whose == is not a bool (arrays, exotic configs)
+        return a is b
+
+
+def hidden_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The hidden states a block receives: its first positional argument or `hidden_states=`."""
     h = args[0] if args else kwargs.get("hidden_states")
     return h if isinstance(h, torch.Tensor) else None
 
 
-def _first_tensor(out: Any) -> Optional[torch.Tensor]:
+def hidden_output(out: Any) -> Optional[torch.Tensor]:
+    """The hidden states a block returns (a tensor, or the first item of a tuple/ModelOutput), else None."""
     try:
         h = _block_output(out)
     except (TypeError, IndexError, KeyError):

@@ -12,14 +12,14 @@ import torch.nn as nn
 from prunekit.errors import LoadError
 from prunekit.io.schema import safe_file
 from prunekit.io.state import WEIGHTS, baked_state_dict, fit_to_tensors, load_state, replay
-from prunekit.models.hf import after_surgery, config_expresses
+from prunekit.models.hf import after_surgery, config_expresses, config_valid
 from prunekit.plan import Plan
 
 BASE_CONFIG = "prunekit_base_config.json"
 
 def save_hf(model: nn.Module, plan: Plan, path: Path) -> None:
     base = plan.hf_base_config
-    exact = plan.hf_config_exact and config_expresses(model, model.config) and _valid(model.config)
+    exact = plan.hf_config_exact and config_expresses(model, model.config) and config_valid(model.config)
     pruned_cfg = model.config
     if base is not None and not exact:
         # transformers validates the config while saving (e.g. hidden size a multiple of the heads): save the
@@ -46,17 +46,6 @@ def _saved_dtype(sd: Dict[str, torch.Tensor]):
         if t.is_floating_point():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     return max(counts, key=counts.get) if counts else None
-
-def _valid(config) -> bool:
-    """Does transformers accept this config (its own validators, as save_pretrained / from_pretrained run)?"""
-    check = getattr(config, "validate", None)
-    if not callable(check):
-        return True
-    try:
-        check()
-    except Exception:          # transformers' validators raise ValueError subclasses of several kinds
-        return False
-    return True
 
 def load_hf(path: Path, plan: Plan) -> nn.Module:
     """Rebuild an HF model saved by pk.save without the original weights: base config -> replay -> weights.

@@ -138,7 +138,7 @@ def _hf_class(v, where, key):
 
 PLAN_FIELDS: Dict[str, Callable] = {
     "format": _typed((str,), f"one of {FORMATS}"), "kept": _kept, "attrs": _attrs, "add_bias": _names,
-    "convert_mha": _names, "removed_layers": _layer_list, "blocks": _typed((str, type(None)), "a module name"),
+    "convert_mha": _names, "removed_layers": _layer_list, "removed_blocks": _names, "blocks": _typed((str, type(None)), "a module name"),
     "hf_base_config": _typed((dict, type(None)), "a Hugging Face config mapping"), "hf_class": _hf_class,
     "hf_config_exact": _typed((bool,), "true or false"), "type": _typed((str,), "a config type name"),
     # informational, never replayed: any JSON value
@@ -182,6 +182,10 @@ def check_plan_fits(model: nn.Module, plan: Dict[str, Any], where: str) -> None:
                                 f"with shape {tuple(t.shape)}; pass the same architecture the pruned model was "
                                 f"made from")
     modules = dict(model.named_modules())
+    for name in plan.get("removed_blocks", []):
+        if name not in modules:
+            raise LoadError(f"{where}: plan removes block '{name}', which this model does not have; pass the "
+                            f"same architecture the pruned model was made from")
     for mname, attr, value in plan.get("attrs", []):
         mod = modules.get(mname)
         old = vars(mod).get(attr) if mod is not None else None

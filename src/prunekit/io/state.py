@@ -16,6 +16,7 @@ from prunekit.measure.size import without_shared_storage
 from prunekit.models import hf
 from prunekit.nn import convert_mha
 from prunekit.plan import Plan
+from prunekit.sparse.masks import SparseMask
 from prunekit.structured.surgery import apply_kept
 
 PLAN = "plan.json"
@@ -24,8 +25,9 @@ META = "prunekit.json"
 
 
 def baked_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """state_dict where parametrized tensors (sparse masks) appear as their plain masked value under the
-    original name, so the file loads into an ordinary model."""
+    """state_dict where tensors parametrized by a sparse mask appear as their plain masked value under the
+    original name, so the file loads into an ordinary model. The model's own parametrizations (wav2vec2's
+    weight norm: `parametrizations.weight.original0/1`) are part of its architecture and stay as they are."""
     from torch.nn.utils import parametrize
     sd = dict(model.state_dict(keep_vars=False))
     for mname, m in model.named_modules():
@@ -33,6 +35,8 @@ def baked_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
             continue
         prefix = f"{mname}." if mname else ""
         for pname in list(m.parametrizations.keys()):
+            if not any(isinstance(p, SparseMask) for p in m.parametrizations[pname]):
+                continue
             for k in [k for k in sd if k.startswith(f"{prefix}parametrizations.{pname}.")]:
                 del sd[k]
             sd[prefix + pname] = getattr(m, pname).detach()

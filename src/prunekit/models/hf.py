@@ -346,6 +346,20 @@ def head_size_follows_hidden(model: nn.Module, scope: str = "") -> bool:
     return widths(probe) != widths(model)
 
 
+def config_valid(config) -> bool:
+    """Does transformers accept this config (its own validators, as save_pretrained / from_pretrained run), and
+    does it read back from its JSON form? (A depth prune leaves backbone fields such as `out_features` naming
+    stages that no longer exist; from_pretrained rejects them.)"""
+    check = getattr(config, "validate", None)
+    try:
+        if callable(check):
+            check()
+        type(config).from_dict(config.to_dict())
+    except Exception:          # transformers' validators raise ValueError subclasses of several kinds
+        return False
+    return True
+
+
 def after_surgery(model: nn.Module, base_config) -> bool:
     """Update attention attributes and `model.config`. Returns True if the config expresses the new shapes."""
     fix_attention_attrs(model, base_config)

@@ -93,8 +93,10 @@ def to_weight_layout(module: nn.Module, t2d: torch.Tensor) -> torch.Tensor:
 
 
 def stored_weight(module: nn.Module) -> torch.Tensor:
-    """The weight tensor as stored: the parametrization's `original` for a masked module, else `weight`."""
-    if parametrize.is_parametrized(module, "weight"):
+    """The weight tensor as stored: the parametrization's `original` for a masked module, else `weight`
+    (also for a weight the model itself parametrizes with several originals, e.g. weight norm's g and v:
+    then the computed weight)."""
+    if parametrize.is_parametrized(module, "weight") and hasattr(module.parametrizations["weight"], "original"):
         return module.parametrizations["weight"].original
     return module.weight
 

@@ -27,7 +27,7 @@ from prunekit.graph.rules.indexing import (rule_copy_, rule_embedding, rule_inde
                                            rule_setitem)
 from prunekit.graph.rules.movement import movement
 from prunekit.graph.rules.norms import (rule_batch_norm, rule_group_norm, rule_layer_norm, rule_normalize,
-                                        rule_rms_norm)
+                                        rule_rms_norm, rule_weight_norm)
 from prunekit.graph.rules.reduce import reduce, spatial
 from prunekit.graph.rules.selection import (rule_argsort, rule_cum, rule_kthvalue, rule_msort, rule_nms,
                                             rule_ps_roi, rule_roi, rule_sort, rule_topk)
@@ -44,6 +44,7 @@ RULES: Dict[str, Callable] = {
     "conv_transpose3d": rule_conv_transpose,
     "batch_norm": rule_batch_norm, "instance_norm": rule_batch_norm,   # same per-channel parameters
     "layer_norm": rule_layer_norm, "rms_norm": rule_rms_norm, "group_norm": rule_group_norm,
+    "_weight_norm": rule_weight_norm,
     "embedding": rule_embedding, "prelu": rule_prelu,
     "matmul": rule_matmul, "__matmul__": rule_matmul, "bmm": rule_matmul, "mm": rule_matmul,
     "scaled_dot_product_attention": rule_sdpa,

@@ -63,3 +63,22 @@ def rule_normalize(tr, args, kwargs, out):
     dim = arg(args, kwargs, 2, "dim", 1)
     tr.stat(tr.ids_along(x, dim))
     tr.set(out, list(tr.blocks(x)))
+
+
+def rule_weight_norm(tr, args, kwargs, out):
+    """`torch._weight_norm(v, g, dim)` (weight normalization, e.g. wav2vec2's positional conv through
+    `parametrizations.weight_norm`): w = v * g / ||v||, the norm taken over every dim except `dim`.
+
+    Every dim of v and g is pinned. Removing a slice of a dim the norm spans changes the norm and with it
+    every kept weight, so the cut model could not equal the dense one. A cut along `dim` itself would be
+    exact, but the check that proves a cut (the dense model with the removed slices zeroed) would compute
+    0 * g / ||0|| = NaN there, so those channels stay too (they are coupled with g first, so what they feed
+    or read stays consistent)."""
+    v, g = args[0], args[1]
+    dim = arg(args, kwargs, 2, "dim", 0)
+    if dim is not None and dim != -1 and isinstance(g, torch.Tensor) and g.dim() == v.dim():
+        tr.couple(g, [dim % v.dim()], v, [dim % v.dim()])
+    tr.pin_tensor(v)
+    if isinstance(g, torch.Tensor):
+        tr.pin_tensor(g)
+    tr.set(out, list(tr.blocks(v)))
