@@ -185,3 +185,60 @@ def test_wav2vec2_prunes_and_reloads(tmp_path):
         assert torch.equal(pk.load(tmp_path)(**x).last_hidden_state, r.model(**x).last_hidden_state)
     s = pk.prune(m, pk.Sparse(sparsity=0.5, method="wanda"), data=[x])
     assert abs(s.stats["sparsity_total"] - 0.5) < 0.02 and not s.stats["skipped"]
+
+
+def test_mamba_prunes_its_inner_width(tmp_path):
+    """Mamba's inner width couples in_proj's x and z halves, the depthwise conv1d, x_proj's input, dt_proj's
+    output, A_log, D and out_proj's input; the scan's zero initial state does not pin it."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = T.MambaForCausalLM(T.MambaConfig(vocab_size=100, hidden_size=32, state_size=4, num_hidden_layers=2,
+                                             expand=2, conv_kernel=4)).eval()
+    x = {"input_ids": torch.randint(0, 100, (2, 8))}
+    r = pk.prune(m, pk.Structured(ratio=0.3), example_inputs=x)
+    assert r.stats["verification"]["mode"] == "exact"
+    for layer in r.model.backbone.layers:
+        mx = layer.mixer
+        w = mx.D.shape[0]
+        assert 0 < w < 64 and mx.in_proj.out_features == 2 * w and mx.conv1d.weight.shape == (w, 1, 4)
+        assert mx.conv1d.groups == w and mx.x_proj.in_features == w and mx.dt_proj.out_features == w
+        assert mx.A_log.shape == (w, 4) and mx.out_proj.in_features == w
+        assert mx.in_proj.in_features == 32 and mx.out_proj.out_features == 32     # residual width kept
+    assert r.model.config.intermediate_size == r.model.backbone.layers[0].mixer.D.shape[0]
+    g = r.model.generate(x["input_ids"][:1], max_new_tokens=4, do_sample=False)
+    with torch.no_grad():                          # the cached recurrent path agrees with a full recompute
+        assert int(r.model(input_ids=g[:, :-1]).logits[0, -1].argmax()) == int(g[0, -1])
+    pk.save(r, tmp_path)
+    with torch.no_grad():
+        out = r.model(**x).logits
+        assert torch.equal(pk.load(tmp_path)(**x).logits, out)
+        if r.plan.hf_config_exact:
+            assert torch.equal(T.MambaForCausalLM.from_pretrained(str(tmp_path)).eval()(**x).logits, out)
+
+
+class Scan(nn.Module):
+    """A recurrence from a zero state (like a selective scan), its size read from the layer ("attr"), written
+    as a literal ("literal"), or followed by a product with data from outside ("noise")."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.inp, self.out, self.mode = nn.Linear(8, 16), nn.Linear(16, 4), mode
+
+    def forward(self, x):                      # x: (B, T, 8)
+        h = x.new_zeros(x.shape[0], 16 if self.mode == "literal" else self.inp.out_features)
+        for t in range(x.shape[1]):
+            h = h * 0.9 + self.inp(x[:, t])
+        if self.mode == "noise":               # a full-size tensor from outside: its channels must stay
+            h = h * torch.linspace(0.5, 1.5, 16)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("mode,width", [("attr", 8), ("literal", 16), ("noise", 16)])
+def test_uniform_state_does_not_pin_channels(mode, width):
+    """A zero state acts like a scalar; when its size is a literal the cut fails and is redone with the state
+    pinning the channels it meets (no error); data from outside still pins them."""
+    torch.manual_seed(0)
+    m, x = Scan(mode).eval(), torch.randn(2, 5, 8)
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    assert r.model.inp.out_features == width

@@ -75,9 +75,10 @@ def enforce_rectangular(tr: Trace):
 class DependencyGraph:
     """Groups of coupled parameter slices of `model`, found by running it on `example_inputs`."""
 
-    def __init__(self, model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str = "groups"):
+    def __init__(self, model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str = "groups",
+                 uniform_scalars: bool = True):
         self.model = model
-        self.trace: Trace = trace(model, example_inputs, ignore=ignore, gqa=gqa)
+        self.trace: Trace = trace(model, example_inputs, ignore=ignore, gqa=gqa, uniform_scalars=uniform_scalars)
         self.params = dict(model.named_parameters(remove_duplicate=True))
         self.buffers = dict(model.named_buffers(remove_duplicate=True))
         self._build()

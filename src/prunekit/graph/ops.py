@@ -48,6 +48,9 @@ CREATION = {
     "argmax", "argmin", "cumsum", "nonzero", "__len__", "tril_", "triu_", "one_hot", "bucketize",
     "searchsorted",
 }
+# creation ops whose result holds one value everywhere: as an operand of an elementwise op it acts like a scalar
+UNIFORM = {"zeros", "ones", "empty", "full", "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros",
+           "new_ones", "new_empty", "new_full"}
 REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any",
           "var_mean", "std_mean", "nansum", "nanmean", "vector_norm", "linalg_vector_norm"}
 STAT_REDUCE = {"mean", "var", "std", "norm", "logsumexp", "var_mean", "std_mean", "nanmean", "vector_norm",

@@ -64,6 +64,7 @@ class Trace:
     # every part) or 'total' (the size of the split dim) says what the attribute holds
     output: Any = None
     n_ops: int = 0
+    used_uniform: bool = False   # a one-value tensor (torch.zeros(...)) met prunable channels as a scalar would
 
 
 GQA_MODES = ("groups", "query_heads")
@@ -106,6 +107,12 @@ class Tracer(TorchFunctionMode):
                 self.ignored_param_ids.add(id(p))
         self.ignored_ids: List[torch.Tensor] = []   # ids of ignored parameters (all pinned)
         self.inputs: List[torch.Tensor] = []        # tensor inputs of the op being dispatched
+        # ids of tensors filled with one value (torch.zeros/ones/full...) and not written since; with
+        # `uniform_scalars` an elementwise op treats them as scalars (their size follows the cut when it comes
+        # from an input's shape; a literal size fails the cut, which is then retried without this)
+        self.uniform: set = set()
+        self.uniform_scalars = True
+        self.used_uniform = False
 
     def _is_ignored(self, mname: str) -> bool:
         return any(p.fullmatch(mname) or mname == p.pattern or mname.startswith(p.pattern + ".")
@@ -288,6 +295,8 @@ class Tracer(TorchFunctionMode):
 
     def dispatch(self, name, func, args, kwargs, out):
         ins = self.inputs = tensors((args, kwargs))
+        if ins and (name.endswith("_") or name == "__setitem__"):
+            self.uniform.discard(id(ins[0]))           # written in place: no longer one value everywhere
         has_blocks = any(self.blocks(t) for t in ins)
         mod = self.module_stack[-1]
         ignored = bool(mod) and self._is_ignored(mod)
@@ -329,15 +338,18 @@ class Tracer(TorchFunctionMode):
                                                if f is not None], self.module_stack[-1], op))
 
 
-def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str = "groups") -> Trace:
+def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str = "groups",
+          uniform_scalars: bool = True) -> Trace:
     """Run `model(example_inputs)` once and return the id graph of coupled parameter slices.
 
     gqa: "groups" (a KV head goes with all the query heads that read it) or "query_heads" (KV heads stay;
-    query heads go, the same number from every KV group)."""
+    query heads go, the same number from every KV group). uniform_scalars: a tensor made by torch.zeros /
+    ones / full (a scan's initial state) combines with channels like a scalar instead of pinning them."""
     if gqa not in GQA_MODES:
         raise ConfigError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
     tr = Tracer(model, ignore)
     tr.gqa = gqa
+    tr.uniform_scalars = uniform_scalars
     handles = []
     names = {m: n for n, m in model.named_modules()}
 
@@ -366,4 +378,4 @@ def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str
             h.remove()
     return Trace(space=tr.space, slots=tr.slots, costs=tr.costs, reshapes=tr.reshapes, stat_ids=tr.stat_ids,
                  conv_groups=tr.conv_groups, output=output, n_ops=tr.n_ops, grids=tr.grids,
-                 split_attrs=tr.split_attrs)
+                 split_attrs=tr.split_attrs, used_uniform=tr.used_uniform)

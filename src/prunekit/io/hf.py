@@ -12,14 +12,14 @@ import torch.nn as nn
 from prunekit.errors import LoadError
 from prunekit.io.schema import safe_file
 from prunekit.io.state import WEIGHTS, baked_state_dict, fit_to_tensors, load_state, replay
-from prunekit.models.hf import after_surgery, config_expresses, config_valid
+from prunekit.models.hf import after_surgery, config_valid
 from prunekit.plan import Plan
 
 BASE_CONFIG = "prunekit_base_config.json"
 
 def save_hf(model: nn.Module, plan: Plan, path: Path) -> None:
     base = plan.hf_base_config
-    exact = plan.hf_config_exact and config_expresses(model, model.config) and config_valid(model.config)
+    exact = plan.hf_config_exact and config_valid(model.config, model)
     pruned_cfg = model.config
     if base is not None and not exact:
         # transformers validates the config while saving (e.g. hidden size a multiple of the heads): save the

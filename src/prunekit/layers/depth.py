@@ -23,7 +23,7 @@ from prunekit.calibrate.layerwise import find_blocks, hidden_input, hidden_outpu
 from prunekit.config import Config, register_config, register_handler
 from prunekit.errors import ConfigError
 from prunekit.measure.counts import count_params
-from prunekit.models.hf import config_expresses, config_valid, is_hf
+from prunekit.models.hf import config_valid, is_hf
 from prunekit.plan import Plan
 
 IMPORTANCES = ("block_influence", "angular", "greedy_loss")
@@ -252,7 +252,7 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> bool:
         return False
     if set(by_container) <= {path}:
         _update_layer_count(cfg, lengths[path], sorted(by_container.get(path, ())))
-        return config_valid(cfg)
+        return config_valid(cfg, model)
     return _update_depths(model, cfg, [p for p, _ in inner], lengths, by_container)
 
 
@@ -273,7 +273,7 @@ def _update_depths(model, cfg, stages: List[str], lengths, by_container) -> bool
     if not isinstance(old, (list, tuple)) or list(old) != [lengths[p] for p in stages]:
         return False
     cfg.depths = [lengths[p] - len(by_container.get(p, ())) for p in stages]
-    if is_hf(model) and config_expresses(model, cfg) and config_valid(cfg):
+    if is_hf(model) and config_valid(cfg, model):
         return True
     cfg.depths = old
     return False

@@ -32,7 +32,8 @@ Q_NAMES = ("q_proj", "query", "q", "query_proj", "q_lin", "c_attn", "qkv_proj", 
 K_NAMES = ("k_proj", "key", "k", "key_proj", "k_lin")
 FUSED_QKV = ("c_attn", "qkv_proj", "Wqkv", "query_key_value", "qkv")
 FFN_IN_NAMES = ("up_proj", "fc1", "c_fc", "intermediate.dense", "fc_in", "w1", "dense_h_to_4h", "gate_up_proj",
-                "pwconv1")
+                "pwconv1", "mixer.in_proj")
+GATED_IN = ("gate_up_proj", "mixer.in_proj")        # one projection holding two halves (gate | up, Mamba's x | z)
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
@@ -191,7 +192,7 @@ def _ffn_sizes(model: nn.Module):
         if any(name.endswith(f) for f in FFN_IN_NAMES) and "shared_expert" not in name:   # own config field
             f = _out_features(mod)
             if f:
-                f = f // 2 if name.endswith("gate_up_proj") else f
+                f = f // 2 if name.endswith(GATED_IN) else f
                 fin = mod.in_features if isinstance(mod, nn.Linear) else mod.weight.shape[0]
                 out.append((scopes.get(name, ""), f, f / fin))
     return out
@@ -346,18 +347,19 @@ def head_size_follows_hidden(model: nn.Module, scope: str = "") -> bool:
     return widths(probe) != widths(model)
 
 
-def config_valid(config) -> bool:
+def config_valid(config, model: Optional[nn.Module] = None) -> bool:
     """Does transformers accept this config (its own validators, as save_pretrained / from_pretrained run), and
-    does it read back from its JSON form? (A depth prune leaves backbone fields such as `out_features` naming
-    stages that no longer exist; from_pretrained rejects them.)"""
+    does it read back from its JSON form -- building exactly `model`'s shapes when a model is given? (A depth
+    prune leaves backbone fields such as `out_features` naming stages that no longer exist; Mamba recomputes
+    `intermediate_size` from the integer `expand` on load.)"""
     check = getattr(config, "validate", None)
     try:
         if callable(check):
             check()
-        type(config).from_dict(config.to_dict())
+        again = type(config).from_dict(config.to_dict())
     except Exception:          # transformers' validators raise ValueError subclasses of several kinds
         return False
-    return True
+    return model is None or config_expresses(model, again)
 
 
 def after_surgery(model: nn.Module, base_config) -> bool:

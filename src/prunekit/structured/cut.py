@@ -203,10 +203,11 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
     left as it was."""
     ignore = list(ignore)
     auto_ignored: List[str] = []
+    uniform = True
     for attempt in range(attempts):
         if graph is None or attempt > 0:
             with eval_mode(model):
-                graph = DependencyGraph(model, example_inputs, ignore=ignore, gqa=gqa)
+                graph = DependencyGraph(model, example_inputs, ignore=ignore, gqa=gqa, uniform_scalars=uniform)
         removed = choose(graph)
         pruned, kept, attrs = remove_units(model, graph, removed)
         record: Dict = {}
@@ -221,6 +222,9 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
                 check = verify_cut(model, kept, example_inputs, record["out"], record["modules"], exact)
             return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored, check)
         mod_name, err, feeders = failure
+        if uniform and graph.trace.used_uniform:
+            uniform = False      # a torch.zeros(...) state sized by a literal: let it pin the channels it meets
+            continue
         if not mod_name:
             feeders = [f for f in feeders if f]
             fix = f"pass ignore={ignore + feeders!r} to keep the channels of the modules that feed it" \

@@ -97,7 +97,7 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
                  "modules": g.modules[:8]} for g in graph.groups])
     if hf_model:
         plan.hf_base_config, plan.hf_class = base_config.to_dict(), type(model).__name__
-        plan.hf_config_exact = hf.config_expresses(pruned, pruned.config) and not added_bias
+        plan.hf_config_exact = hf.config_valid(pruned.config, pruned) and not added_bias
     stats = {"params_before": params_before, "params_after": count_params(pruned),
              "macs_before": macs_before, "macs_after": macs_after, "groups": len(graph.groups),
              "groups_pruned": len(removed), "time_graph_s": t_graph, "time_alloc_s": t_alloc - t_graph,

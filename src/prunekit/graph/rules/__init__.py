@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from prunekit.errors import GraphError
-from prunekit.graph.ops import CREATION, ELEMENTWISE, MOVEMENT, REDUCE, SPATIAL, UNARY, positional, tensors
+from prunekit.graph.ops import (CREATION, ELEMENTWISE, MOVEMENT, REDUCE, SPATIAL, UNARY, UNIFORM, positional,
+                               tensors)
 from prunekit.graph.rules.contraction import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_grouped_mm,
                                               rule_linear, rule_matmul, rule_mha, rule_sdpa)
 from prunekit.graph.rules.elementwise import elementwise, rule_prelu, unary
@@ -80,6 +81,8 @@ def apply(tr, name, func, args, kwargs, out, has_blocks):
     if name in CREATION:
         for o in tensors(out):
             tr.set(o, [])
+            if name in UNIFORM:
+                tr.uniform.add(id(o))
         return
     if name in UNARY:
         return unary(tr, name, args, kwargs, out)

@@ -10,12 +10,25 @@ from prunekit.graph.labels import align, collapse
 from prunekit.graph.ops import tensors
 
 
+def _all_uniform(tr, args, kwargs, out) -> bool:
+    """Every tensor operand holds one value everywhere (zeros * 0.9, ones.to(dtype)): so does the result."""
+    ins = tensors((args, kwargs))
+    if not ins or any(id(t) not in tr.uniform for t in ins):
+        return False
+    for o in tensors(out):
+        tr.set(o, [])
+        tr.uniform.add(id(o))
+    return True
+
+
 def elementwise(tr, args, kwargs, out):
     outs = tensors(out)
-    if not outs:
+    if not outs or _all_uniform(tr, args, kwargs, out):
         return
     o = outs[0]
-    ins = [t for t in tensors((args, kwargs)) if t.dim() <= o.dim()]
+    # a tensor holding one value everywhere (torch.zeros(...) as a scan's initial state) acts like a scalar
+    every = [t for t in tensors((args, kwargs)) if t.dim() <= o.dim()]
+    ins = [t for t in every if not (tr.uniform_scalars and id(t) in tr.uniform)]
     nd = o.dim()
     entries = []  # (input index, aligned block)
     for i, t in enumerate(ins):
@@ -24,6 +37,7 @@ def elementwise(tr, args, kwargs, out):
     if not entries:
         tr.set(o, [])
         return
+    tr.used_uniform |= len(ins) < len(every)
     shapes = [[1] * (nd - t.dim()) + list(t.shape) for t in ins]
     # outside data (untracked, full size) along a tracked dim: that dim must not shrink
     for d in range(nd):
@@ -79,6 +93,8 @@ def elementwise(tr, args, kwargs, out):
 def unary(tr, name, args, kwargs, out):
     """One input, same-shape output (activations, casts, dropout, softmax): labels pass through unchanged."""
     ins = tensors((args, kwargs))
+    if _all_uniform(tr, args, kwargs, out):
+        return
     if ins and isinstance(out, torch.Tensor):
         src = args[0] if args and isinstance(args[0], torch.Tensor) else ins[0]
         if src.shape == out.shape:
