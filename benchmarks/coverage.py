@@ -19,8 +19,9 @@ Per model (random init, tiny sizes, families in benchmarks/coverage_models.py), 
 Statuses: ok, error (a prunekit error: clean message, counted as handled), bug (any other exception: a
 traceback), wrong (silent wrong result), none (ran but pruned nothing), n/a.
 
-    python benchmarks/coverage.py                      # all families, one subprocess each; ~15 min on 2 cores
+    python benchmarks/coverage.py --jobs 2             # all families, one subprocess each, two at a time
     python benchmarks/coverage.py --only hf_clip tv_resnet18
+    python benchmarks/coverage.py --update --only tv_fcos   # re-run some, keep the other rows of the JSON
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -295,6 +297,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="family names (default: all)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=600, help="seconds per family")
+    ap.add_argument("--jobs", type=int, default=1, help="families run at once (one process each)")
+    ap.add_argument("--update", action="store_true", help="re-run only --only families, keep the other rows of --json")
     ap.add_argument("--md", default=str(ROOT / "docs" / "coverage.md"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "coverage.json"))
     args = ap.parse_args(argv)
@@ -302,11 +306,24 @@ def main(argv=None):
     if args.child:
         print(json.dumps(run_family(args.child), default=str))
         return None
-    rows = []
-    for name in args.only or list(FAMILIES):
-        rows.append(run_isolated(name, args.timeout))
-        print(f"{name:26s} " + " ".join(f"{s}={rows[-1][s][0]}" for s in STEPS), flush=True)
-        tot = write(rows, args.md, args.json)          # after every family: an interrupted run keeps its rows
+    names = args.only or list(FAMILIES)
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; see benchmarks/coverage_models.py")
+    done: dict = {}
+    if args.update and Path(args.json).exists():       # keep the rows of families not run this time
+        kept = {r["name"]: r for r in json.loads(Path(args.json).read_text())["rows"] if r["name"] in FAMILIES}
+        done.update({n: r for n, r in kept.items() if n not in names})
+        names = [n for n in FAMILIES if n in names or n in done]
+    tot = None
+    # --jobs N: N families at once, each in its own single-threaded process; rows keep the FAMILIES order
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_isolated, n, args.timeout): n for n in names if n not in done}
+        for fut in as_completed(futures):
+            row = done[futures[fut]] = fut.result()
+            print(f"{row['name']:26s} " + " ".join(f"{s}={row[s][0]}" for s in STEPS), flush=True)
+            # after every family: an interrupted run keeps its rows
+            tot = write([done[n] for n in names if n in done], args.md, args.json)
     print(json.dumps(tot, indent=1))
     return tot
 

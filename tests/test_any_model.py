@@ -242,3 +242,40 @@ def test_uniform_state_does_not_pin_channels(mode, width):
     m, x = Scan(mode).eval(), torch.randn(2, 5, 8)
     r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
     assert r.model.inp.out_features == width
+
+
+class Res(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+class TinyResNet(nn.Module):
+    """No ModuleList: Sequential runs of same-class residual blocks, as in torchvision/timm CNNs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layer1 = nn.Sequential(Res(8), Res(8))
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.layer2 = nn.Sequential(Res(16), Res(16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.layer2(self.down(self.layer1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_depth_on_a_cnn_without_a_block_list(tmp_path):
+    torch.manual_seed(0)
+    m, x = TinyResNet().eval(), torch.randn(2, 3, 16, 16)
+    r = pk.prune(m, pk.Layers(n=3), data=[x])
+    assert len(r.model.layer1) + len(r.model.layer2) == 1 and len(r.plan.removed_blocks) == 3
+    pk.save(r, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(pk.load(tmp_path, model=TinyResNet().eval())(x), r.model(x))
+    with pytest.raises(pk.ConfigError, match="more than the 4 blocks"):
+        pk.prune(m, pk.Layers(n=5), data=[x])

@@ -67,7 +67,7 @@ def test_zeroed_dense_detects_a_wrong_cut():
 
 @pytest.mark.slow
 def test_all_families(tmp_path):
-    tot = cov.main(["--md", str(tmp_path / "coverage.md"), "--json", str(tmp_path / "coverage.json")])
+    tot = cov.main(["--jobs", "2", "--md", str(tmp_path / "coverage.md"), "--json", str(tmp_path / "coverage.json")])
     rows = json.loads((tmp_path / "coverage.json").read_text())["rows"]
     assert len(rows) == len(FAMILIES)
     assert tot["all"]["wrong_cells"] == 0, [r["name"] for r in rows if any(r[s][0] == "wrong" for s in cov.STEPS)]

@@ -89,25 +89,32 @@ def _shape_keeping(model: nn.Module, containers, batch) -> Dict[int, bool]:
     return seen
 
 
-def removable_blocks(model: nn.Module, batch) -> Tuple[str, List[Tuple[str, nn.Module, int]]]:
-    """(stack path, [(container path, container, index)]): the blocks depth pruning may remove.
+def removable_blocks(model: nn.Module, batch) -> Tuple[str, List[Tuple[str, nn.Module, int]], bool]:
+    """(stack path, [(container path, container, index)], whether they are the whole stack): the blocks depth
+    pruning may remove.
 
     The stack is `find_blocks`' list. When every block of it keeps its input shape (transformer layers) it is
     the only container. Otherwise (stages that downsample or widen) the blocks inside its stages that keep
-    their input shape are the candidates, so depth pruning works within a stage; with none, a ConfigError."""
-    path, stack = find_blocks(model)
-    inner = _containers_under(stack, path)
-    keeps = _shape_keeping(model, [(path, stack)] + inner, batch)
-    if all(keeps.get(id(b), False) for b in stack):
-        return path, [(path, stack, i) for i in range(len(stack))]
+    their input shape are the candidates, so depth pruning works within a stage. A model without a ModuleList
+    stack (torchvision / timm CNNs) offers the shape-keeping blocks of its Sequential runs of same-class blocks
+    (ResNet `layer1..4`). With none, a ConfigError."""
+    try:
+        path, stack = find_blocks(model)
+    except ConfigError:
+        path, stack = "", None
+    inner = _containers_under(stack, path) if stack is not None else _containers_under(model, "")
+    keeps = _shape_keeping(model, ([(path, stack)] if stack is not None else []) + inner, batch)
+    if stack is not None and all(keeps.get(id(b), False) for b in stack):
+        return path, [(path, stack, i) for i in range(len(stack))], True
     found = [(p, c, i) for p, c in inner for i, b in enumerate(c) if keeps.get(id(b), False)]
-    if not found:
+    if not found and stack is not None:
         found = [(path, stack, i) for i, b in enumerate(stack) if keeps.get(id(b), False)]
     if not found:
-        raise ConfigError(f"Layers: no block of '{path}' ({type(stack[0]).__name__}) or of the block lists "
-                          f"inside it returns hidden states shaped like its input, so removing one would break "
-                          f"the model; use pk.Structured to make {type(model).__name__} smaller")
-    return path, found
+        where = f"of '{path}' ({type(stack[0]).__name__}) or of the block lists inside it" if stack is not None \
+            else "in a ModuleList or Sequential of same-class blocks"
+        raise ConfigError(f"Layers: no block {where} returns hidden states shaped like its input, so removing "
+                          f"one would break {type(model).__name__}; use pk.Structured to make it smaller")
+    return path, found, False
 
 
 # -------------------------------------------------------------------------------------------- scores
@@ -187,8 +194,7 @@ def _runs(cands, n: int) -> List[List[int]]:
 
 def choose_blocks(model, cfg: Layers, batches) -> Tuple[str, List[Tuple[str, nn.Module, int]], List[int]]:
     """(stack path, candidates, indices into candidates of the blocks to remove)."""
-    path, cands = removable_blocks(model, batches[0])
-    whole_stack = len(cands) == len(find_blocks(model)[1]) and all(c[0] == path for c in cands)
+    path, cands, whole_stack = removable_blocks(model, batches[0])
     if cfg.n > len(cands) or (whole_stack and cfg.n == len(cands)):
         most = len(cands) - 1 if whole_stack else len(cands)
         raise ConfigError(f"Layers.n={cfg.n} would remove {'all ' if whole_stack else 'more than the '}"
@@ -230,9 +236,12 @@ def _name(cand) -> str:
 def drop_blocks(model: nn.Module, names: Sequence[str]) -> bool:
     """Delete the named blocks (`<container path>.<index>`) in place, renumber `layer_idx` (KV cache slots)
     and update the config. Returns True when the config still describes the model exactly."""
-    path, stack = find_blocks(model)
-    inner = _containers_under(stack, path)
-    lengths = {p: len(c) for p, c in [(path, stack)] + inner}
+    try:
+        path, stack = find_blocks(model)
+        inner = _containers_under(stack, path)
+    except ConfigError:                 # a CNN without a block stack: no config field counts its blocks
+        path, stack, inner = None, None, []
+    lengths = {p: len(c) for p, c in ([(path, stack)] if stack is not None else []) + inner}
     by_container: Dict[str, set] = {}
     for n in names:
         p, _, i = n.rpartition(".")
@@ -250,7 +259,7 @@ def drop_blocks(model: nn.Module, names: Sequence[str]) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return False
-    if set(by_container) <= {path}:
+    if path is not None and set(by_container) <= {path}:
         _update_layer_count(cfg, lengths[path], sorted(by_container.get(path, ())))
         return config_valid(cfg, model)
     return _update_depths(model, cfg, [p for p, _ in inner], lengths, by_container)
