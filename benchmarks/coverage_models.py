@@ -48,11 +48,12 @@ def _tv(fn, shape=(2, 3, 32, 32), kind="tv", module="torchvision.models", **kw):
     return build
 
 
-def _tv_det(fn, **kw):
+def _tv_det(fn, sized=True, **kw):
     def build():
         import torchvision.models.detection as D
-        m = getattr(D, fn)(weights=None, weights_backbone=None, min_size=64, max_size=64, **kw)
-        return m, [torch.rand(3, 64, 64)], "tv_det"
+        size = dict(min_size=64, max_size=64) if sized else {}     # SSD/SSDLite fix their own input size
+        m = getattr(D, fn)(weights=None, weights_backbone=None, **size, **kw)
+        return m, ([torch.rand(3, 64, 64)],), "tv_det"      # one argument: the list of images
     return build
 
 
@@ -115,7 +116,7 @@ FAMILIES = {
     "tv_fasterrcnn_mobilenet": ("tv detection", _tv_det("fasterrcnn_mobilenet_v3_large_320_fpn")),
     "tv_retinanet": ("tv detection", _tv_det("retinanet_resnet50_fpn")),
     "tv_fcos": ("tv detection", _tv_det("fcos_resnet50_fpn")),
-    "tv_ssdlite": ("tv detection", _tv_det("ssdlite320_mobilenet_v3_large")),
+    "tv_ssdlite": ("tv detection", _tv_det("ssdlite320_mobilenet_v3_large", sized=False, num_classes=91)),
     "tv_maskrcnn": ("tv detection", _tv_det("maskrcnn_resnet50_fpn")),
     "tv_keypointrcnn": ("tv detection", _tv_det("keypointrcnn_resnet50_fpn")),
     "tv_deeplabv3_mobilenet": ("tv segmentation", _tv("deeplabv3_mobilenet_v3_large", (1, 3, 64, 64),

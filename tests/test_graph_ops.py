@@ -401,3 +401,71 @@ def test_register_adds_a_rule_for_a_new_op():
         assert r.model.inner[0].out_channels < 8
     finally:
         RULES.pop("logcumsumexp", None)
+
+
+# ------------------------------------------------------------------------------------ values that are positions
+
+class PositionsAsLabels(nn.Module):
+    """A detector head followed by post-processing that turns positions along the class dim into labels, in
+    the ways torchvision's FCOS/RetinaNet and common code do. `thresh` above every score leaves the
+    post-processed outputs empty (random weights): the class dim must stay pinned anyway."""
+    def __init__(self, how, thresh=2.0):
+        super().__init__()
+        self.how, self.thresh = how, thresh
+        self.body = nn.Conv2d(3, 16, 3, padding=1)
+        self.cls_logits = nn.Conv2d(16, 10, 1)
+        self.bbox_pred = nn.Conv2d(16, 10 * 4, 1)                         # per-class boxes, as Faster R-CNN
+
+    def forward(self, x):
+        feats = F.relu(self.body(x))
+        logits = self.cls_logits(feats)                                   # (N, K, H, W)
+        if self.how == "index_other":        # positions found in the scores index the per-class boxes
+            boxes = self.bbox_pred(feats).permute(0, 2, 3, 1).reshape(-1, 4)      # (N * H * W * K, 4)
+            inds = torch.where(logits.permute(0, 2, 3, 1).sigmoid().flatten() > self.thresh)[0]
+            return boxes[inds], logits
+        per_pos = logits.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 10)  # (N, HW, K)
+        scores = per_pos.sigmoid()
+        k = per_pos.shape[-1]
+        if self.how == "mask_where_topk":                                  # FCOS / RetinaNet
+            flat = scores[0].flatten()
+            keep = flat > self.thresh
+            kept, idx = flat[keep], torch.where(keep)[0]
+            kept, order = kept.topk(min(5, kept.numel()))
+            idx = idx[order]
+            return kept, idx // k, idx % k
+        if self.how == "nonzero":
+            idx = (scores[0] > self.thresh).nonzero()
+            return idx[:, 1]
+        if self.how == "argmax":
+            return scores.argmax(-1)
+        if self.how == "max_dim":
+            return scores.max(dim=-1)
+        raise ValueError(self.how)
+
+
+@pytest.mark.parametrize("how", ["mask_where_topk", "nonzero", "argmax", "max_dim", "index_other"])
+def test_values_that_are_positions_pin_the_class_dim(how):
+    m, x = PositionsAsLabels(how).eval(), IMG()
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    assert r.model.cls_logits.out_channels == 10, "positions along the class dim are labels: it must stay"
+    if how == "index_other":
+        assert r.model.bbox_pred.out_channels == 40, "positions index the boxes: they must stay"
+    assert r.model.body.out_channels < 16, "the rest still prunes"
+    assert r.stats["verification"]["mode"] == "exact"
+
+
+def test_a_mask_over_positions_without_channels_leaves_channels_prunable():
+    """x[mask] with a mask over (batch, tokens) only: the channel dim lines up and still prunes."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = F.relu(self.inp(x))
+            keep = x[..., 0] > -10.0                  # (B, T), no parameter ids
+            return self.out(h[keep]).sum(0)
+
+    m, x = Masked().eval(), SEQ()
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    assert r.model.inp.out_features == r.model.out.in_features < 16

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import prunekit as pk
 from prunekit.errors import VerificationError
@@ -93,15 +94,15 @@ def test_verify_false_switches_it_off():
 
 
 def test_post_processed_labels_cannot_silently_change():
+    """max(1) over the classes returns positions as labels: the graph pins the class dim (positions.py), the
+    body still prunes, and the labels equal those of the dense model with the removed channels zeroed."""
     m, x = LabelsFromScores().eval(), torch.randn(1, 3, 6, 6)
-    try:
-        r = pk.prune(m, pk.Structured(ratio=0.4), example_inputs=x)
-    except VerificationError as e:
-        assert "ignore=" in str(e)
-        return
-    # the graph pinned the class dim (the only other way to be right): the classes are all still there
-    assert r.model.cls_logits.out_channels == 10
-    for a, b in zip(tensors_of(m(x)), tensors_of(r.model(x))):
+    r = pk.prune(m, pk.Structured(ratio=0.4), example_inputs=x)
+    assert r.model.cls_logits.out_channels == 10 and r.model.body.out_channels < 8
+    assert r.stats["verification"]["mode"] == "exact"
+    with removed_slices_zeroed(m, r.plan.kept_by_dim()), torch.no_grad():
+        dense = tensors_of(m(x))
+    for a, b in zip(dense, tensors_of(r.model(x))):
         assert torch.equal(a, b) if not a.is_floating_point() else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -118,7 +119,35 @@ def test_normalization_over_pruned_channels_is_approximate_not_raised():
     m = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 3)).eval()
     r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=torch.randn(4, 6))
     v = r.stats["verification"]
-    assert v["mode"] == "approximate" and v["max_rel_diff"] > 0 and "approximate" in r.summary()
+    assert v["mode"] == "approximate" and v["approximate_modules"] == ["2"] and v["max_approx_rel_diff"] > 0
+    assert v["max_module_rel_diff"] <= v["tolerance"], "the Linear before the LayerNorm is still compared exactly"
+    assert "approximate" in r.summary() and "(2;" in r.summary()
+
+
+class ScaledThenNormed(nn.Module):
+    """A size read at run time *upstream* of a LayerNorm over the pruned channels: the norm hides the scale
+    in the outputs, so only an exact check of the modules before the norm can see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.scale = ScaleByWidth()
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.norm(self.scale(F.gelu(self.inp(x)).unsqueeze(-1)).squeeze(-1)))
+
+
+def test_approximation_is_per_module_not_per_cut():
+    """One LayerNorm over pruned channels makes only what is computed from it approximate: the runtime-size
+    bug before it is still caught and named (a per-cut 'approximate' let it pass)."""
+    torch.manual_seed(0)
+    m, x = ScaledThenNormed().eval(), torch.randn(4, 6)
+    with pytest.raises(VerificationError, match=r"'scale'.*ignore=\['scale'\]"):
+        pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    r = pk.prune(m, pk.Structured(ratio=0.5, ignore=["scale"]), example_inputs=x)   # pins that width
+    assert r.stats["verification"]["mode"] == "exact"
 
 
 def test_zeroed_slices_invariants():
@@ -174,3 +203,49 @@ def test_verification_of_a_model_in_train_mode_with_dropout():
     r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=torch.randn(16, 8))
     assert m.training and r.model.training
     assert r.stats["verification"]["mode"] == "exact"
+
+
+class EmptyDetector(nn.Module):
+    """FCOS-like post-processing: scores over (positions x classes) flattened, kept above a threshold, top-k,
+    then position -> (anchor, label) by // and %. With these weights no score passes the threshold, so every
+    final output is empty whatever the cut does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Conv2d(3, 16, 3, padding=1)
+        self.cls_logits = nn.Conv2d(16, 10, 1)
+        nn.init.constant_(self.cls_logits.bias, -8.0)        # sigmoid ~ 3e-4: below the threshold
+
+    def forward(self, x):
+        logits = self.cls_logits(torch.relu(self.body(x)))               # (1, K, H, W)
+        k = logits.shape[1]
+        flat = logits.permute(0, 2, 3, 1).sigmoid().flatten()
+        keep = flat > 0.5
+        scores, idx = flat[keep], torch.where(keep)[0]
+        scores, order = scores.topk(min(3, scores.numel()))
+        idx = idx[order]
+        return scores, idx // k, idx % k
+
+
+def test_raw_head_outputs_catch_a_wrong_cut_that_final_outputs_cannot(monkeypatch):
+    """A planted graph bug (boolean-mask indexing and where(cond) drop their labels without pinning anything)
+    lets the class dim be cut. The final outputs are empty in both models, so only the
+    comparison of the tensor feeding the data-dependent ops (the raw class scores) can see it."""
+    from prunekit.graph import rules
+    from prunekit.structured import watch
+    m, x = EmptyDetector().eval(), torch.randn(1, 3, 8, 8)
+    assert all(t.numel() == 0 for t in m(x))
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)       # the real graph: classes pinned
+    assert r.model.cls_logits.out_channels == 10 and r.stats["verification"]["data_inputs_compared"] > 0
+
+    def forgetful(tr, args, kwargs, out):       # the planted bug: an op that reads positions drops its labels
+        for o in tensors_of(out):
+            tr.set(o, [])
+
+    monkeypatch.setitem(rules.RULES, "__getitem__", forgetful)
+    monkeypatch.setitem(rules.RULES, "where", forgetful)
+    with pytest.raises(VerificationError, match=r"data-dependent op '__getitem__'.*ignore=\['cls_logits'\]"):
+        pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    monkeypatch.setattr(watch, "is_data_dependent", lambda *a: False)    # compare final + module outputs only
+    r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    assert r.model.cls_logits.out_channels < 10, "the wrong cut passes when only final outputs are compared"

@@ -42,6 +42,12 @@ class PruneResult:
             else:
                 lines.append(f"  verified {v['mode']}: max relative difference {v['max_rel_diff']:.2e} from the "
                              f"dense model with the removed channels zeroed (tolerance {v['tolerance']:.1e})")
+                approx = v.get("approximate_modules") or []
+                if approx:
+                    more = f" +{len(approx) - 4}" if len(approx) > 4 else ""
+                    lines.append(f"  approximate only downstream of {len(approx)} normalization(s) over pruned "
+                                 f"channels ({', '.join(approx[:4])}{more}; up to {v['max_approx_rel_diff']:.2e}), "
+                                 f"everything else checked exactly")
         return "\n".join(lines)
 
 

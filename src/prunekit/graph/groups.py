@@ -33,6 +33,7 @@ class Group:
     n_units: int
     members: List[Member]
     exact: bool = True          # False when a norm's statistics span these channels (LayerNorm/GroupNorm)
+    norms: List[str] = field(default_factory=list)   # modules taking those statistics ('' = top level)
     unit_size: int = 1          # positions per unit on the first weight member (e.g. head_dim for heads)
     comps: Optional[np.ndarray] = None   # component label of each unit
 
@@ -105,9 +106,10 @@ class DependencyGraph:
         bounds = np.flatnonzero(np.diff(comp_of)) + 1
         starts = np.concatenate([[0], bounds]) if len(comp_of) else np.zeros(0, np.int64)
         ends = np.concatenate([bounds, [len(comp_of)]]) if len(comp_of) else np.zeros(0, np.int64)
-        stat_comps = set()
-        for ids in tr.stat_ids:
-            stat_comps.update(np.unique(labels[ids[ids >= 0].numpy()]).tolist())
+        norms_of_comp: Dict[int, set] = {}      # component -> modules taking a statistic over it
+        for ids, mod in zip(tr.stat_ids, tr.stat_modules):
+            for c in np.unique(labels[ids[ids >= 0].numpy()]).tolist():
+                norms_of_comp.setdefault(c, set()).add(mod)
         n_all = len(starts)
         counts = ends - starts
         elem_unit = np.repeat(np.arange(n_all), counts)
@@ -151,8 +153,9 @@ class DependencyGraph:
             comps = np.array([comp_of[starts[u]] for u in units])
             producers = sorted({m.name.rpartition(".")[0] for m in members if not m.is_buffer
                                 and not self.is_consumer(m)})
-            g = Group(len(self.groups), len(units), members, exact=not bool(stat_comps & set(comps.tolist())),
-                      comps=comps, producers=producers)
+            norms = sorted(set().union(*[norms_of_comp.get(c, set()) for c in set(comps.tolist())]))
+            g = Group(len(self.groups), len(units), members, exact=not norms, norms=norms, comps=comps,
+                      producers=producers)
             w = [m for m in members if not m.is_buffer and self._tensor(m.name).dim() >= 2] or members
             g.unit_size = int(w[0].pos.numel() // len(units))
             self.groups.append(g)

@@ -45,7 +45,7 @@ CREATION = {
     "zeros", "ones", "empty", "full", "arange", "linspace", "randn", "rand", "randint", "zeros_like",
     "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "new_zeros", "new_ones", "new_empty",
     "new_full", "new_tensor", "tensor", "as_tensor", "eye", "tril", "triu", "meshgrid", "bernoulli", "multinomial",
-    "argmax", "argmin", "cumsum", "nonzero", "__len__", "tril_", "triu_", "one_hot", "bucketize",
+    "cumsum", "__len__", "tril_", "triu_", "one_hot", "bucketize",
     "searchsorted",
 }
 # creation ops whose result holds one value everywhere: as an operand of an elementwise op it acts like a scalar
@@ -55,6 +55,11 @@ REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "lo
           "var_mean", "std_mean", "nansum", "nanmean", "vector_norm", "linalg_vector_norm"}
 STAT_REDUCE = {"mean", "var", "std", "norm", "logsumexp", "var_mean", "std_mean", "nanmean", "vector_norm",
                "linalg_vector_norm"}
+# ops whose outputs the values decide (which entries, in which order, how many); verification compares their
+# inputs (structured/watch.py). `where(cond)`, `max/min(dim)` and boolean-mask indexing join them by arguments.
+DATA_DEPENDENT = {"topk", "kthvalue", "sort", "argsort", "msort", "cummax", "cummin", "nms", "roi_align",
+                  "roi_pool", "ps_roi_align", "ps_roi_pool", "nonzero", "argwhere", "argmax", "argmin",
+                  "masked_select"}
 SPATIAL = {
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",

@@ -65,6 +65,7 @@ class Trace:
     output: Any = None
     n_ops: int = 0
     used_uniform: bool = False   # a one-value tensor (torch.zeros(...)) met prunable channels as a scalar would
+    stat_modules: List[str] = field(default_factory=list)   # module running each statistic ('' top level)
 
 
 GQA_MODES = ("groups", "query_heads")
@@ -83,6 +84,7 @@ class Tracer(TorchFunctionMode):
         self.costs: List[CostTerm] = []
         self.reshapes: List[ReshapeRecord] = []
         self.stat_ids: List[torch.Tensor] = []
+        self.stat_modules: List[str] = []
         self.conv_groups: Dict[str, int] = {}
         self.grids: List[torch.Tensor] = []     # multi-dim blocks (a channel dim split by a reshape)
         self.split_attrs: List[Tuple[str, str, List[torch.Tensor], str]] = []
@@ -229,6 +231,7 @@ class Tracer(TorchFunctionMode):
     def stat(self, ids):
         if ids is not None:
             self.stat_ids.append(ids.reshape(-1))
+            self.stat_modules.append(self._module())
 
     # ------------------------------------------------------------------ the mode
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -378,4 +381,5 @@ def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str
             h.remove()
     return Trace(space=tr.space, slots=tr.slots, costs=tr.costs, reshapes=tr.reshapes, stat_ids=tr.stat_ids,
                  conv_groups=tr.conv_groups, output=output, n_ops=tr.n_ops, grids=tr.grids,
-                 split_attrs=tr.split_attrs, used_uniform=tr.used_uniform)
+                 split_attrs=tr.split_attrs, used_uniform=tr.used_uniform,
+                 stat_modules=tr.stat_modules)

@@ -11,15 +11,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
 from prunekit.batch import call_model, eval_mode
 from prunekit.errors import GraphError
 from prunekit.graph.groups import DependencyGraph
-from prunekit.graph.ops import tensors
 from prunekit.models import hf
 from prunekit.structured.surgery import apply_kept, is_known_module
 from prunekit.structured.verify import Verification, record_outputs, tensors_of, tolerance, verify_cut
+from prunekit.structured.watch import Watch
 
 # ------------------------------------------------------------------------------------------- handler
 
@@ -98,50 +97,17 @@ def remove_units(model: nn.Module, graph: DependencyGraph, removed: Dict[int, to
     return pruned, kept, attrs
 
 
-class _Provenance(TorchFunctionMode):
-    """Which modules' outputs flow into each tensor; remembers the inputs' modules of the op that raised."""
-
-    def __init__(self):
-        super().__init__()
-        self.src: Dict[int, frozenset] = {}
-        self.keep: List[torch.Tensor] = []
-        self.failed: frozenset = frozenset()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        came = frozenset().union(*[self.src.get(id(t), frozenset()) for t in tensors((args, kwargs))])
-        try:
-            out = func(*args, **kwargs)
-        except Exception:
-            self.failed = came
-            raise
-        for o in tensors(out):
-            self.src[id(o)] = came
-            self.keep.append(o)
-        return out
-
-
 def _failing_op_feeders(pruned: nn.Module, example_inputs) -> List[str]:
     """Modules with parameters whose outputs reach the op that fails in the top-level forward."""
-    mode = _Provenance()
-    names = {m: n for n, m in pruned.named_modules()}
-
-    def post(mod, args, out):
-        for o in tensors(out):
-            mode.src[id(o)] = frozenset([names[mod]])
-            mode.keep.append(o)
-
-    hooks = [m.register_forward_hook(post) for m in pruned.modules() if m is not pruned
-             and next(m.parameters(recurse=False), None) is not None]
+    watch = Watch(pruned, record=False)
     try:
-        with mode:
+        with watch:
             run_model(pruned, example_inputs)
     except Exception:
         pass
     finally:
-        for h in hooks:
-            h.remove()
-    return sorted(mode.failed)
+        watch.close()
+    return sorted(watch.failed)
 
 
 def _validate(pruned, example_inputs, base_out, record: Dict, modules: bool = False):
@@ -165,8 +131,8 @@ def _validate(pruned, example_inputs, base_out, record: Dict, modules: bool = Fa
         hooks.append(m.register_forward_pre_hook(pre))
         hooks.append(m.register_forward_hook(post))
     try:
-        new_out, record["modules"] = record_outputs(pruned, example_inputs, modules)
-        record["out"] = new_out
+        record["run"] = run = record_outputs(pruned, example_inputs, modules)
+        new_out = run.outputs
     except Exception as e:
         feeders = _failing_op_feeders(pruned, example_inputs) if not stack[-1] else []
         return stack[-1], " ".join(f"{type(e).__name__}: {e}".split())[:300], feeders
@@ -214,12 +180,12 @@ def cut_valid(model: nn.Module, example_inputs, choose: Callable[[DependencyGrap
         # with verify, output shapes are compared with the dense model with the removed slices zeroed, not
         # with the original: post-processed outputs (detections) may differ in number from the original's
         base_out = [] if verify and kept else tensors_of(graph.trace.output)
-        exact = all(graph.groups[gi].exact for gi, mask in removed.items() if bool(mask.any()))
-        failure = _validate(pruned, example_inputs, base_out, record, modules=verify and exact and bool(kept))
+        approx = sorted({n for gi, mask in removed.items() if bool(mask.any()) for n in graph.groups[gi].norms})
+        failure = _validate(pruned, example_inputs, base_out, record, modules=verify and bool(kept))
         if failure is None:
             check = Verification("exact" if verify else "off", 0.0, tolerance(torch.float32))
             if verify and kept:
-                check = verify_cut(model, kept, example_inputs, record["out"], record["modules"], exact)
+                check = verify_cut(model, kept, example_inputs, record["run"], approx)
             return Cut(graph, removed, pruned, kept, attrs, ignore, auto_ignored, check)
         mod_name, err, feeders = failure
         if uniform and graph.trace.used_uniform:

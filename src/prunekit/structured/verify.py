@@ -9,14 +9,19 @@ silently. The dense run happens on the original model with the slices zeroed in 
 bit-identically afterwards, so no second copy of the model is needed.
 
 Normalizations over a pruned dimension (LayerNorm/GroupNorm/RMSNorm, softmax over channels; the graph marks
-such groups inexact) change with the width even when the removed channels are zero: those comparisons are
-reported as approximate with the measured difference instead of raising.
+such groups inexact and names the modules taking the statistic) change with the width even when the removed
+channels are zero: tensors computed from those modules are reported as approximate with the measured
+difference; everything else (modules upstream of or beside them) is still compared exactly.
+
+Besides every module output and the model outputs, the inputs of data-dependent ops (top-k, sort, NMS,
+roi_align, boolean indexing, nonzero) are compared (watch.py): a detector's post-processed outputs are empty
+under random weights, the raw scores feeding its post-processing are not.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from prunekit.batch import call_model, eval_mode
 from prunekit.errors import VerificationError
+from prunekit.structured.watch import APPROX, DATA, Watch
 
 # stop keeping per-module outputs of the pruned run beyond this many bytes (the model output is always kept)
 _KEEP_BYTES = 1 << 30
@@ -113,10 +119,12 @@ class _Keep(_Recorder):
 
 
 class _Compare(_Recorder):
-    def __init__(self, model, reference: Dict[Tuple[str, int], List[torch.Tensor]]):
+    def __init__(self, model, reference: Dict[Tuple[str, int], List[torch.Tensor]], watch: Watch):
         super().__init__(model)
         self.reference = reference
+        self.watch = watch
         self.worst = 0.0
+        self.approx_worst = 0.0
         self.compared = 0
         self.first: Optional[Tuple[str, float]] = None
 
@@ -130,6 +138,9 @@ class _Compare(_Recorder):
             if d is None:
                 continue
             self.compared += 1
+            if self.watch.flags(dense) & APPROX:
+                self.approx_worst = max(self.approx_worst, d)
+                continue
             self.worst = max(self.worst, d)
             if self.first is None and d > tolerance(pruned.dtype):
                 self.first = (key[0], d)
@@ -174,63 +185,115 @@ class Verification:
     max_rel_diff: float       # over the model outputs
     tolerance: float
     modules_compared: int = 0
-    max_module_rel_diff: float = 0.0
+    max_module_rel_diff: float = 0.0          # over the module outputs compared exactly
+    approximate_modules: List[str] = dataclasses.field(default_factory=list)   # norms over pruned channels
+    max_approx_rel_diff: float = 0.0          # over the tensors computed from them (reported, not checked)
+    data_inputs_compared: int = 0             # inputs of data-dependent ops (raw head outputs) compared
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Tuple[List[torch.Tensor], Dict]:
-    """Run `model` (no grad) keeping its outputs and (`modules`) every module's floating outputs for
-    `verify_cut`."""
+@dataclasses.dataclass
+class Record:
+    """A run of the pruned model kept for `verify_cut`: outputs, per-module outputs, data-dependent inputs."""
+    outputs: List[torch.Tensor]
+    modules: Dict[Tuple[str, int], List[torch.Tensor]]
+    data_inputs: Dict[Tuple[str, int], List[Tuple[torch.Tensor, bool]]]
+
+
+def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Record:
+    """Run `model` (no grad, eval mode, as the dense run in verify_cut: dropout off) keeping its outputs and
+    (`modules`) every module's floating outputs and the inputs of its data-dependent ops."""
     if not modules:
         with eval_mode(model), torch.no_grad():
-            return tensors_of(call_model(model, example_inputs)), {}
-    rec = _Keep(model)
+            return Record(tensors_of(call_model(model, example_inputs)), {}, {})
+    rec, watch = _Keep(model), Watch(model)
     try:
-        with eval_mode(model), torch.no_grad():       # as the dense run in verify_cut: dropout off
+        with eval_mode(model), torch.no_grad(), watch:
             out = tensors_of(call_model(model, example_inputs))
     finally:
         rec.remove()
-    return out, rec.outputs
+        watch.close()
+    return Record(out, rec.outputs, watch.inputs)
 
 
-def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_inputs,
-               pruned_out: List[torch.Tensor], pruned_modules: Dict, exact: bool) -> Verification:
+def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_inputs, pruned: Record,
+               approx_modules: Sequence[str] = ()) -> Verification:
     """Run `model` with the slices `kept` drops zeroed in place (restored after) and compare its module
-    outputs and model outputs with those of the pruned model (`record_outputs`).
+    outputs, the inputs of its data-dependent ops and its outputs with those of the pruned model
+    (`record_outputs`).
 
-    exact=False (a normalization over pruned channels): measure the outputs and report. exact=True: raise
-    VerificationError naming the first module (in completion order) whose output diverges."""
-    cmp = _Compare(model, pruned_modules)
+    Tensors computed from `approx_modules` (normalizations over pruned channels; '' = the top-level forward)
+    are measured and reported; any other difference raises VerificationError naming the first module (in
+    completion order) whose output diverges, or the data-dependent op whose input does."""
+    watch = Watch(model, approx_modules)
+    cmp = _Compare(model, pruned.modules, watch)
     try:
-        with eval_mode(model), removed_slices_zeroed(model, kept), torch.no_grad():
+        with eval_mode(model), removed_slices_zeroed(model, kept), torch.no_grad(), watch:
             dense_out = tensors_of(call_model(model, example_inputs))
     finally:
         cmp.remove()
-    worst, shape_change = 0.0, None
+        watch.close()
     tol = max((tolerance(t.dtype) for t in dense_out if t.is_floating_point()), default=tolerance(torch.float32))
-    for i, (a, b) in enumerate(zip(dense_out, pruned_out)):
+    worst, approx_worst, shape_change = 0.0, cmp.approx_worst, None
+    for i, (a, b) in enumerate(zip(dense_out, pruned.outputs)):
+        loose = watch.flags(a) & APPROX
         if a.shape != b.shape:
-            shape_change = shape_change or (i, tuple(a.shape), tuple(b.shape))
+            if not (loose and watch.flags(a) & DATA):      # a count decided by approximate scores may change
+                shape_change = shape_change or (i, tuple(a.shape), tuple(b.shape))
             continue
-        if not a.is_floating_point():
-            if not torch.equal(a, b):
-                worst = float("inf")
-            continue
-        worst = max(worst, relative_difference(a, b))
-    if len(dense_out) != len(pruned_out):
-        shape_change = shape_change or (len(dense_out), f"{len(dense_out)} tensors", f"{len(pruned_out)} tensors")
-    result = Verification("exact" if exact else "approximate", worst, tol, cmp.compared, cmp.worst)
-    if exact and (worst > tol or shape_change is not None or cmp.first is not None):
-        raise VerificationError(_mismatch_message(model, cmp.first, worst, tol, shape_change))
+        d = relative_difference(a, b) if a.is_floating_point() else (0.0 if torch.equal(a, b) else float("inf"))
+        if loose:
+            approx_worst = max(approx_worst, d)
+        else:
+            worst = max(worst, d)
+    if len(dense_out) != len(pruned.outputs):
+        shape_change = shape_change or (len(dense_out), f"{len(dense_out)} tensors", f"{len(pruned.outputs)} tensors")
+    n_data, data_first, approx_worst = _compare_data_inputs(watch, pruned.data_inputs, tol, approx_worst)
+    result = Verification("approximate" if approx_modules else "exact", worst, tol, cmp.compared, cmp.worst,
+                          sorted(approx_modules), approx_worst, n_data)
+    if worst > tol or shape_change is not None or cmp.first is not None or data_first is not None:
+        raise VerificationError(_mismatch_message(model, cmp.first, data_first, worst, tol, shape_change))
     return result
 
 
-def _mismatch_message(model, first, worst, tol, shape_change) -> str:
+def _compare_data_inputs(watch: Watch, pruned: Dict, tol: float, approx_worst: float):
+    """Compare the inputs of data-dependent ops, call by call: (number compared, first mismatch or None, the
+    worst difference of approximate ones). An input that changed shape and cannot be aligned is a mismatch
+    even where a norm makes values approximate: a norm does not change which positions exist."""
+    n, first = 0, None
+    for key, dense in watch.inputs.items():
+        ref = pruned.get(key)
+        if ref is None:
+            continue
+        for (a, loose), (b, _) in zip(dense, ref):
+            d = relative_difference(a, b)
+            n += 1
+            if d is None:
+                why = f"its shape is {tuple(b.shape)} instead of {tuple(a.shape)} (positions shifted)"
+            elif loose:
+                approx_worst = max(approx_worst, d)
+                continue
+            elif d > tol:
+                why = f"it differs by {d:.3g} (relative)"
+            else:
+                continue
+            first = first or (key, watch.sources.get(key, []), why)
+    return n, first, approx_worst
+
+
+def _mismatch_message(model, first, data_first, worst, tol, shape_change) -> str:
     if shape_change is not None:
         i, a, b = shape_change
         what = f"output {i} has shape {b} instead of {a}"
+    elif data_first is not None and first is None:
+        (op, k), sources, why = data_first
+        fix = f"ignore={sources!r}" if sources else "ignore= naming the modules that produce it"
+        return (f"structured pruning changed what the model computes: the input of data-dependent op '{op}' "
+                f"(call {k}) does not match the dense model with the removed channels zeroed: {why}; the "
+                f"post-processing reads it (e.g. labels = index % num_classes). Pass {fix} to keep the channels "
+                f"of the modules that produce it, or verify=False to accept the difference.")
     else:
         what = f"the outputs differ by {worst:.3g} (relative; tolerance {tol:.1e})"
     if first is not None:

@@ -12,7 +12,8 @@ without an entry fall back to the generic tables in prunekit.graph.ops. Add a ru
 
 Modules by kind: contraction (linear, conv, matmul, einsum, attention, grouped expert matmul), norms,
 elementwise, movement (shape ops, split, cat), reduce (reductions, pooling), indexing (embedding, item
-assignment, in-place index writes), selection (data-dependent: sort/topk, nms, roi_align/roi_pool).
+assignment, in-place index writes), selection (data-dependent: sort/topk, nms, roi_align/roi_pool), positions (values that are positions:
+nonzero, argmax, boolean-mask indexing).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from prunekit.graph.rules.indexing import (rule_copy_, rule_embedding, rule_inde
 from prunekit.graph.rules.movement import movement
 from prunekit.graph.rules.norms import (rule_batch_norm, rule_group_norm, rule_layer_norm, rule_normalize,
                                         rule_rms_norm, rule_weight_norm)
+from prunekit.graph.rules.positions import (rule_arg_extreme, rule_getitem, rule_masked_select, rule_max_min,
+                                            rule_nonzero, rule_where)
 from prunekit.graph.rules.reduce import reduce, spatial
 from prunekit.graph.rules.selection import (rule_argsort, rule_cum, rule_kthvalue, rule_msort, rule_nms,
                                             rule_ps_roi, rule_roi, rule_sort, rule_topk)
@@ -57,6 +60,10 @@ RULES: Dict[str, Callable] = {
     "cummax": rule_cum, "cummin": rule_cum, "msort": rule_msort,
     "nms": rule_nms, "roi_align": rule_roi, "roi_pool": rule_roi, "ps_roi_align": rule_ps_roi,
     "ps_roi_pool": rule_ps_roi,
+    # values that are positions (positions.py)
+    "nonzero": rule_nonzero, "argwhere": rule_nonzero, "where": rule_where, "argmax": rule_arg_extreme,
+    "argmin": rule_arg_extreme, "max": rule_max_min, "min": rule_max_min, "__getitem__": rule_getitem,
+    "masked_select": rule_masked_select,
     # in-place writes (indexing.py)
     "copy_": rule_copy_, "index_add_": rule_index_write, "index_copy_": rule_index_write,
     "scatter_": rule_scatter_, "scatter_add_": rule_scatter_,

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_flatten
 from prunekit.errors import GraphError
 from prunekit.graph.labels import align, collapse, compress, reduce_to, tracked
 from prunekit.graph.ops import tensors
+from prunekit.graph.rules.indexing import fix_dims
 
 
 def movement(tr, name, func, args, kwargs, out):
@@ -25,6 +26,13 @@ def movement(tr, name, func, args, kwargs, out):
         record_reshape(tr, name, args, kwargs, out)
     if name in ("chunk", "split", "tensor_split", "split_with_sizes"):
         equal_parts(tr, name, src, args, kwargs, outs)
+    if name in ("index_select", "gather", "take_along_dim"):      # positions chosen by the index's values
+        at = 2 if name == "take_along_dim" else 1                   # take_along_dim(x, index, dim=None)
+        dim = kwargs.get("dim", args[at] if len(args) > at else None)
+        fix_dims(tr, src, [dim] if isinstance(dim, int) else range(src.dim()))
+    if any(o.numel() == 0 for o in outs) and src.numel():
+        tr.pin_tensor(src)     # an empty result shows no positions (no score above the threshold, random
+        #                        weights): what later code does with them is unknown, so nothing may shrink
     new_blocks: Dict[int, List[torch.Tensor]] = {id(o): [] for o in outs}
     for b in tr.blocks(src):
         probe = b.to(torch.float64).expand(src.shape).contiguous()
@@ -47,7 +55,9 @@ def movement(tr, name, func, args, kwargs, out):
                 raise GraphError(tr.where(name) + f": label probe has shape {tuple(po.shape)} but the op "
                                  f"returned {tuple(o.shape)}. " + tr.hint())
             c = compress(po)
-            if c is not None:
+            if c is not None and not tracked(c, o.shape):
+                tr.space.pin(c)      # single positions picked out (x[:, 0::4] of 4 box columns, scores[:, label]):
+            elif c is not None:      # the code names them by position, which pruning would shift
                 new_blocks[id(o)].append(c)
     for o in outs:
         tr.set(o, new_blocks[id(o)])
