@@ -5,7 +5,8 @@ the number of classes, keypoints and anchors of every predictor stays; backbone,
 verification ran on the raw head outputs (the inputs of top-k / NMS / roi_align, since random weights leave the
 post-processed detections empty) and was exact, or approximate with the normalizations that explain it; save
 -> pk.load gives bit-identical weights and raw head outputs. The fast cases use ResNet-18 / MobileNetV3
-backbones; the builders' ResNet-50 versions and SSD300-VGG16 run under the slow marker."""
+backbones (Faster R-CNN and Mask R-CNN in `make test`, the others and the builders' ResNet-50 versions and
+SSD300-VGG16 under the slow marker, `make test-all`)."""
 import warnings
 
 import pytest
@@ -152,7 +153,10 @@ def run_case(case, tmp_path):
     return r
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+FAST = {"fasterrcnn_mobilenet_v3_320_fpn", "maskrcnn_r18_fpn"}      # the quickest two; the rest: make test-all
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CASES)])
 def test_detector(name, tmp_path):
     run_case(CASES[name], tmp_path)
 

@@ -119,9 +119,10 @@ class _Keep(_Recorder):
 
 
 class _Compare(_Recorder):
-    def __init__(self, model, reference: Dict[Tuple[str, int], List[torch.Tensor]], watch: Watch):
+    def __init__(self, model, reference: Dict[Tuple[str, int], List[torch.Tensor]], watch: Watch, picks: Dict):
         super().__init__(model)
         self.reference = reference
+        self.picks = picks                  # the pruned run's selections (Watch.picks)
         self.watch = watch
         self.worst = 0.0
         self.approx_worst = 0.0
@@ -138,7 +139,8 @@ class _Compare(_Recorder):
             if d is None:
                 continue
             self.compared += 1
-            if self.watch.flags(dense) & APPROX:
+            if self.watch.flags(dense) & APPROX or (self.watch.flags(dense) & DATA and not self.watch.same_picks(
+                    self.picks)):
                 self.approx_worst = max(self.approx_worst, d)
                 continue
             self.worst = max(self.worst, d)
@@ -200,6 +202,7 @@ class Record:
     outputs: List[torch.Tensor]
     modules: Dict[Tuple[str, int], List[torch.Tensor]]
     data_inputs: Dict[Tuple[str, int], List[Tuple[torch.Tensor, bool]]]
+    picks: Dict[Tuple[str, int], List[torch.Tensor]] = dataclasses.field(default_factory=dict)
 
 
 def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Record:
@@ -207,7 +210,7 @@ def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Re
     (`modules`) every module's floating outputs and the inputs of its data-dependent ops."""
     if not modules:
         with eval_mode(model), torch.no_grad():
-            return Record(tensors_of(call_model(model, example_inputs)), {}, {})
+            return Record(tensors_of(call_model(model, example_inputs)), {}, {}, {})
     rec, watch = _Keep(model), Watch(model)
     try:
         with eval_mode(model), torch.no_grad(), watch:
@@ -215,7 +218,7 @@ def record_outputs(model: nn.Module, example_inputs, modules: bool = True) -> Re
     finally:
         rec.remove()
         watch.close()
-    return Record(out, rec.outputs, watch.inputs)
+    return Record(out, rec.outputs, watch.inputs, watch.picks)
 
 
 def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_inputs, pruned: Record,
@@ -228,7 +231,7 @@ def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_
     are measured and reported; any other difference raises VerificationError naming the first module (in
     completion order) whose output diverges, or the data-dependent op whose input does."""
     watch = Watch(model, approx_modules)
-    cmp = _Compare(model, pruned.modules, watch)
+    cmp = _Compare(model, pruned.modules, watch, pruned.picks)
     try:
         with eval_mode(model), removed_slices_zeroed(model, kept), torch.no_grad(), watch:
             dense_out = tensors_of(call_model(model, example_inputs))
@@ -238,7 +241,7 @@ def verify_cut(model: nn.Module, kept: Dict[str, Dict[int, List[int]]], example_
     tol = max((tolerance(t.dtype) for t in dense_out if t.is_floating_point()), default=tolerance(torch.float32))
     worst, approx_worst, shape_change = 0.0, cmp.approx_worst, None
     for i, (a, b) in enumerate(zip(dense_out, pruned.outputs)):
-        loose = watch.flags(a) & APPROX
+        loose = watch.flags(a) & APPROX or (watch.flags(a) & DATA and not watch.same_picks(pruned.picks))
         if a.shape != b.shape:
             if not (loose and watch.flags(a) & DATA):      # a count decided by approximate scores may change
                 shape_change = shape_change or (i, tuple(a.shape), tuple(b.shape))

@@ -58,6 +58,7 @@ class Watch(TorchFunctionMode):
         self.failed: FrozenSet[str] = frozenset()             # sources of the inputs of an op that raised
         self._calls: Dict[str, int] = {}
         self.bytes = 0
+        self.picks: Dict[Tuple[str, int], List[torch.Tensor]] = {}   # index outputs: what each op selected
         self.depth = 1 if "" in approx_modules else 0        # '' = a statistic in the top-level forward
         approx = set(approx_modules)
         self.handles = []
@@ -119,10 +120,23 @@ class Watch(TorchFunctionMode):
                 self.bytes += size
                 self.inputs[(name, k)] = [(t.detach().clone(), bool(self.flags(t) & APPROX)) for t in keep]
                 self.sources[(name, k)] = sorted(src)
+                self.picks[(name, k)] = [o.detach().clone() for o in tensors(out) if not o.is_floating_point()]
             flags |= DATA
-        for o in tensors(out):            # an in-place output is one of `ins`: its own flags are included
+        outs = tensors(out)
+        if (name == "__setitem__" or name.endswith("_")) and args and isinstance(args[0], torch.Tensor):
+            outs.append(args[0])          # written in place (`result[idx] = roi_align(...)` returns None)
+        for o in outs:                    # an in-place output is one of `ins`: its own flags are included
             self._set(o, flags, src)
         return out
+
+    def same_picks(self, other: Dict[Tuple[str, int], List[torch.Tensor]]) -> bool:
+        """Did every data-dependent op run so far select the same entries as in the run that recorded `other`? Float
+        error may flip a near-tie (the 50th-best proposal): then what is computed from the selection differs
+        legitimately, and only the inputs of the selections can be compared."""
+        def same(a, b):
+            return b is not None and len(a) == len(b) and all(x.shape == y.shape and torch.equal(x, y)
+                                                              for x, y in zip(a, b))
+        return all(same(a, other.get(k)) for k, a in self.picks.items())     # the ops run so far
 
     def close(self):
         for h in self.handles:
