@@ -27,7 +27,7 @@ UNARY = {
     "tanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu", "elu_",
     "selu", "celu", "mish", "softplus", "softsign", "logsigmoid", "tanhshrink", "threshold", "rrelu", "glu_",
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "dropout_",
-    "exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "abs", "neg", "__neg__", "erf", "sin", "cos", "reciprocal",
+    "exp", "log", "log2", "log10", "log1p", "expm1", "sqrt", "rsqrt", "abs", "neg", "__neg__", "erf", "sin", "cos", "reciprocal",
     "square", "sign", "floor", "ceil", "round", "trunc", "frac", "logical_not", "__invert__", "isnan", "isinf",
     "nan_to_num", "float", "half", "double", "bfloat16", "long", "int", "short", "bool", "to", "type", "type_as", "contiguous", "clone", "detach",
     "detach_", "requires_grad_", "cpu", "cuda", "__pos__", "exp_", "sqrt_", "mul_scalar", "fill_", "zero_",
