@@ -66,10 +66,12 @@ def _tv_cls(cls_path, shape, **kw):
 
 
 def _raft():
+    """Keyword inputs: a positional (image1, image2) pair would read as (inputs, targets) calibration data.
+    128 px: the correlation pyramid needs feature maps of at least 16 (inputs / 8)."""
     import torchvision.models.optical_flow as O
     m = O.raft_small(weights=None, num_flow_updates=2) if "num_flow_updates" in O.raft_small.__code__.co_varnames \
         else O.raft_small(weights=None)
-    return m, (torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)), "tv"
+    return m, {"image1": torch.randn(1, 3, 128, 128), "image2": torch.randn(1, 3, 128, 128)}, "tv"
 
 
 def _timm(name, size=32, **kw):
@@ -127,7 +129,7 @@ FAMILIES = {
     "tv_fcn_resnet50": ("tv segmentation", _tv("fcn_resnet50", (1, 3, 64, 64), module="torchvision.models.segmentation",
                                                weights_backbone=None, aux_loss=False)),
     "tv_r3d_18": ("tv video", _tv("r3d_18", (1, 3, 4, 32, 32), module="torchvision.models.video")),
-    "tv_s3d": ("tv video", _tv("s3d", (1, 3, 8, 64, 64), module="torchvision.models.video")),
+    "tv_s3d": ("tv video", _tv("s3d", (1, 3, 8, 224, 224), module="torchvision.models.video")),   # 7x7 avgpool
     "tv_r2plus1d_18": ("tv video", _tv("r2plus1d_18", (1, 3, 4, 32, 32), module="torchvision.models.video")),
     "tv_mc3_18": ("tv video", _tv("mc3_18", (1, 3, 4, 32, 32), module="torchvision.models.video")),
     "tv_swin3d": ("tv video", _tv_cls("torchvision.models.video.swin_transformer.SwinTransformer3d",

@@ -71,4 +71,5 @@ def test_all_families(tmp_path):
     rows = json.loads((tmp_path / "coverage.json").read_text())["rows"]
     assert len(rows) == len(FAMILIES)
     assert tot["all"]["wrong_cells"] == 0, [r["name"] for r in rows if any(r[s][0] == "wrong" for s in cov.STEPS)]
+    assert tot["all"]["bug_cells"] == 0, [r["name"] for r in rows if any(r[s][0] == "bug" for s in cov.STEPS)]
     assert "coverage.py:begin" in (tmp_path / "coverage.md").read_text()
