@@ -129,7 +129,7 @@ FAMILIES = {
     "tv_fcn_resnet50": ("tv segmentation", _tv("fcn_resnet50", (1, 3, 64, 64), module="torchvision.models.segmentation",
                                                weights_backbone=None, aux_loss=False)),
     "tv_r3d_18": ("tv video", _tv("r3d_18", (1, 3, 4, 32, 32), module="torchvision.models.video")),
-    "tv_s3d": ("tv video", _tv("s3d", (1, 3, 8, 224, 224), module="torchvision.models.video")),   # 7x7 avgpool
+    "tv_s3d": ("tv video", _tv("s3d", (1, 3, 16, 224, 224), module="torchvision.models.video")),  # (2, 7, 7) avgpool
     "tv_r2plus1d_18": ("tv video", _tv("r2plus1d_18", (1, 3, 4, 32, 32), module="torchvision.models.video")),
     "tv_mc3_18": ("tv video", _tv("mc3_18", (1, 3, 4, 32, 32), module="torchvision.models.video")),
     "tv_swin3d": ("tv video", _tv_cls("torchvision.models.video.swin_transformer.SwinTransformer3d",
