@@ -70,20 +70,37 @@ def tensors(out):
 
 
 def observed(model, x, kind):
-    """The tensors compared: the outputs, or for detection models the raw outputs of every `*head*` module
-    (post-processed boxes depend on data and are empty under random weights)."""
+    """The tensors compared: the outputs, or for detection models the raw outputs of the prediction modules
+    (post-processed boxes depend on data and are empty under random weights): the outermost modules named
+    `*head*` and the outermost named `*predictor*` (RPN head, RetinaNet/FCOS/SSD head, the R-CNN box / mask /
+    keypoint predictors). Modules inside a head (e.g. `roi_heads.box_head`, an internal MLP whose width is
+    legitimately pruned) are not compared on their own, nor are post-processing modules (those returning integer
+    tensors: labels, indices; e.g. `roi_heads`), whose selections flip on float-error near-ties.)"""
     if kind != "tv_det":
         return tensors(call(model.eval(), x))
+    names = [n for n, _ in model.named_modules() if n]
+    picked = []
+    for key in ("head", "predictor"):
+        hits = [n for n in names if key in n.rpartition(".")[2]]
+        picked += [n for n in hits if not any(n.startswith(h + ".") for h in hits if h != n)]
+    mods = dict(model.named_modules())
     got, hooks = [], []
-    for name, mod in model.named_modules():
-        if "head" in name.rpartition(".")[2]:
-            hooks.append(mod.register_forward_hook(lambda m, a, o: got.extend(tensors(o))))
+    for name in picked:
+        hooks.append(mods[name].register_forward_hook(lambda m, a, o: got.extend(raw(o))))
     try:
         call(model.eval(), x)
     finally:
         for h in hooks:
             h.remove()
     return got
+
+
+def raw(out):
+    """The float tensors of one module output if it holds no integer tensor (raw predictions), else none."""
+    from torch.utils._pytree import tree_flatten
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    flat = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return [t for t in flat if t.is_floating_point()] if all(t.is_floating_point() for t in flat) else []
 
 
 def rel_err(a, b) -> float:

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import prunekit as pk
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
@@ -175,3 +177,21 @@ def test_measure_peak_memory_sees_a_large_allocation():
     result, mem = measure_peak_memory(alloc)
     assert result == 64 * 1024 * 1024 // 4 // 4096
     assert mem["rss_delta"] > 48 * 1024 * 1024
+
+
+def test_positional_tuple_batches_calibrate_models_taking_a_list_of_images():
+    """A batch `(images,)` means model(images) (torchvision detectors take a list of image tensors)."""
+    class Det(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.h = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, images):
+            x = torch.relu(self.a(torch.stack(images)))
+            return self.h(x + torch.relu(self.b(x)))
+    torch.manual_seed(0)
+    m = Det().eval()
+    batch = ([torch.randn(3, 16, 16), torch.randn(3, 16, 16)],)
+    r = pk.prune(m, pk.Sparse(sparsity=0.5, method="wanda"), data=[batch])
+    assert r.stats["sparsity_total"] == pytest.approx(0.5, abs=0.02)
+    assert (r.model.b.weight == 0).float().mean() == pytest.approx(0.5, abs=0.02)

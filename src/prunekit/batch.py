@@ -105,6 +105,8 @@ def _takes_input_ids(model: nn.Module) -> bool:
 def _as_kwargs(batch: Any, where: str, positional: bool = False) -> Dict[str, Any]:
     if positional and isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
         batch = batch[0]                                         # (inputs, targets): calibration needs inputs only
+    if positional and isinstance(batch, tuple) and len(batch) != 2 and _holds_tensor(batch):
+        return {POSITIONAL: batch}                               # positional inputs model(*batch), e.g. ([img],)
     if isinstance(batch, torch.Tensor):
         if positional:
             if batch.dim() == 0 or batch.numel() == 0:
@@ -128,6 +130,14 @@ def _as_kwargs(batch: Any, where: str, positional: bool = False) -> Dict[str, An
         return dict(batch)
     raise CalibrationDataError(f"{where} has type {type(batch).__name__}; each batch must be an input_ids "
                                f"LongTensor of shape (B, T) or a dict of forward keyword arguments")
+
+
+def _holds_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensor(o) for o in obj)
+    return isinstance(obj, Mapping) and any(_holds_tensor(v) for v in obj.values())
 
 
 def _check_ids(t: Any, where: str) -> None:
