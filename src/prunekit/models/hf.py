@@ -265,8 +265,15 @@ def _set(cfg, fields, values, fill_none: bool = False) -> bool:
     v = _fit(0 if current is None else current, values, cfg)
     if v is None:
         return False
+    if isinstance(current, int) and isinstance(v, float):        # an int field (Dinov2's mlp_ratio) cannot hold
+        if not v.is_integer():                                    # a fractional ratio: not expressible
+            return False
+        v = int(v)
     if v != current and _settable(cfg, f):
-        setattr(cfg, f, v)
+        try:
+            setattr(cfg, f, v)
+        except Exception:                                         # the config's own validation refused the value
+            return False
     return True
 
 
