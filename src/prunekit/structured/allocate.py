@@ -48,6 +48,20 @@ def _group_ratio(g: Group, ratio) -> float:
     return min(found) if found else 0.0
 
 
+def group_round_to(graph: DependencyGraph, g: Group, round_to: int) -> int:
+    """`round_to`, raised to what the kernels reading the group's tensors require: stacked expert weights
+    (3-D, run by torch._grouped_mm) need rows whose strides are multiples of 16 bytes. Worked out in units (a
+    member may hold several positions per unit, e.g. a fused gate_up_proj) and returned in `round_keep`'s terms."""
+    step = round_to // math.gcd(round_to, g.unit_size)                   # units, as round_keep counts them
+    for m in g.members:
+        t = graph.params.get(m.name)
+        if t is not None and t.dim() == 3:
+            align = max(1, 16 // t.element_size())
+            per_unit = max(1, len(m.pos) // max(1, g.n_units))
+            step = math.lcm(step, align // math.gcd(align, per_unit))
+    return step * g.unit_size
+
+
 def min_keep(g: Group, round_to: int) -> int:
     """Fewest units a group may keep: at least one, and at least `round_to` channels."""
     return max(1, math.ceil(round_to / max(1, g.unit_size)))
@@ -112,7 +126,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
         removed_cnt = {g.index: 0 for g in graph.groups}
         cap = {}
         cap = {g.index: min(int(math.floor(cfg.max_ratio_per_layer * g.n_units)),
-                            g.n_units - min_keep(g, cfg.round_to)) for g in graph.groups}
+                            g.n_units - min_keep(g, group_round_to(graph, g, cfg.round_to))) for g in graph.groups}
         for s, gi in entries:
             if budget <= 0:
                 break
@@ -126,7 +140,7 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
             r = 0.0 if g.index in skip else min(_group_ratio(g, ratio), cfg.max_ratio_per_layer)
             n_rm = int(math.floor(r * g.n_units + 1e-9))
             keep = g.n_units - n_rm
-            mk = min_keep(g, cfg.round_to)
+            mk = min_keep(g, group_round_to(graph, g, cfg.round_to))
             if keep < mk:
                 if n_rm > 0:
                     clamped.append(g)
@@ -138,7 +152,8 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
     for g in graph.groups:
         if g.index in skip:
             continue
-        keep = round_keep(g, max(keep_n[g.index], min(min_keep(g, cfg.round_to), g.n_units)), cfg.round_to)
+        rt = group_round_to(graph, g, cfg.round_to)
+        keep = round_keep(g, max(keep_n[g.index], min(min_keep(g, rt), g.n_units)), rt)
         if keep >= g.n_units:
             continue
         order = torch.argsort(scores[g.index], descending=True, stable=True)
