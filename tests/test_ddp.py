@@ -107,19 +107,15 @@ def _init_weight():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 24))[1].weight.detach()
 
 
-FSDP_SETUP = SETUP.replace("checkpoint_dir=ckpt, return_result=True)",
-                           "checkpoint_dir=ckpt, return_result=True, strategy=os.environ.get('STRATEGY', 'ddp'))")
-
-
-def test_fsdp_two_processes_match_one_process(tmp_path):
-    """FSDP2 (fully_shard) on 2 gloo processes: sharded parameters, same trajectory as 1 process."""
-    from safetensors.torch import load_file
-    (tmp_path / "ddp_setup.py").write_text(FSDP_SETUP)
+def _one_and_two_processes(tmp_path: Path, setup: str, strategy: str):
+    """Run `setup`'s run(out_dir) once in one process and once as a 2-process gloo torchrun job (env STRATEGY);
+    returns the two output directories (tmp_path/one, tmp_path/two)."""
+    (tmp_path / "ddp_setup.py").write_text(setup)
     (tmp_path / "worker.py").write_text("import sys; from ddp_setup import run; run(sys.argv[1])\n")
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "STRATEGY": "fsdp"}
+           "OMP_NUM_THREADS": "1", "STRATEGY": strategy}
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(k, None)
     ref = subprocess.run([sys.executable, "-c", f"from ddp_setup import run; run({str(one)!r})"], env=env,
@@ -129,6 +125,17 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
                           str(tmp_path / "worker.py"), str(two)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert job.returncode == 0, job.stderr[-3000:]
+    return one, two
+
+
+FSDP_SETUP = SETUP.replace("checkpoint_dir=ckpt, return_result=True)",
+                           "checkpoint_dir=ckpt, return_result=True, strategy=os.environ.get('STRATEGY', 'ddp'))")
+
+
+def test_fsdp_two_processes_match_one_process(tmp_path):
+    """FSDP2 (fully_shard) on 2 gloo processes: sharded parameters, same trajectory as 1 process."""
+    from safetensors.torch import load_file
+    one, two = _one_and_two_processes(tmp_path, FSDP_SETUP, "fsdp")
     seen = [json.loads((two / f"seen-{r}.json").read_text()) for r in (0, 1)]
     assert set(seen[0]["seen"]) == {7} and set(seen[1]["seen"]) == {6}
     w1, w2 = load_file(str(one / "weights.safetensors")), load_file(str(two / "weights.safetensors"))
@@ -179,21 +186,7 @@ TOKEN_SETUP = textwrap.dedent("""
 def test_token_recovery_under_torchrun_matches_one_process(tmp_path, strategy):
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
-    (tmp_path / "ddp_setup.py").write_text(TOKEN_SETUP)
-    (tmp_path / "worker.py").write_text("import sys; from ddp_setup import run; run(sys.argv[1])\n")
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "STRATEGY": strategy}
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(k, None)
-    ref = subprocess.run([sys.executable, "-c", f"from ddp_setup import run; run({str(one)!r})"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tmp_path / "worker.py"), str(two)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert job.returncode == 0, job.stderr[-3000:]
+    one, two = _one_and_two_processes(tmp_path, TOKEN_SETUP, strategy)
     single = json.loads((one / "seen-0.json").read_text())
     ranks = [json.loads((two / f"seen-{r}.json").read_text()) for r in (0, 1)]
     assert set(single["seen"]) == {2} and all(set(r["seen"]) == {1} for r in ranks)      # one row per process
