@@ -33,7 +33,7 @@ import torch.nn as nn
 from prunekit.batch import batch_size_of, eval_mode, progress, repeat_to_batch
 from prunekit.measure.latency import measure_latency
 from prunekit.structured import criteria as S
-from prunekit.structured.allocate import allocate, min_keep, round_keep
+from prunekit.structured.allocate import allocate, group_round_to, min_keep, round_keep
 from prunekit.structured.config import Latency
 from prunekit.structured.cut import remove_units
 
@@ -137,20 +137,24 @@ def _caps(graph, cfg, lat: Latency) -> Dict[int, int]:
     caps = {}
     limit = min(lat.max_ratio, cfg.max_ratio_per_layer)
     for g in graph.groups:
-        keep = max(g.n_units - int(math.floor(limit * g.n_units + 1e-9)), min_keep(g, cfg.round_to))
-        keep = round_keep(g, min(keep, g.n_units), cfg.round_to)
+        rt = group_round_to(graph, g, cfg.round_to)
+        keep = max(g.n_units - int(math.floor(limit * g.n_units + 1e-9)), min_keep(g, rt))
+        keep = round_keep(g, min(keep, g.n_units), rt)
         caps[g.index] = max(0, g.n_units - keep)
     return caps
 
 
 def _apply_round_to(graph, removed: Dict[int, torch.Tensor], scores, round_to: int) -> Dict[int, torch.Tensor]:
-    """Give back the highest-scored removed units until every kept count is a multiple of round_to."""
-    if round_to <= 1:
-        return removed
+    """Give back the highest-scored removed units until every kept count is a multiple of round_to (raised per
+    group to what its kernels need, see allocate.group_round_to)."""
     out = {}
     for gi, mask in removed.items():
         g = graph.groups[gi]
-        keep = round_keep(g, int((~mask).sum()), round_to)
+        rt = group_round_to(graph, g, round_to)
+        if rt <= 1:
+            out[gi] = mask
+            continue
+        keep = round_keep(g, int((~mask).sum()), rt)
         if keep >= g.n_units:
             continue
         order = torch.argsort(torch.where(mask, scores[gi], torch.full_like(scores[gi], math.inf)), descending=True,
