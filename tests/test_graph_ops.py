@@ -202,6 +202,30 @@ def test_scatter_along_channels_pins_them():
     assert "a.weight" not in widths(pk.DependencyGraph(m, x))
 
 
+class NormalizedEmbeddings(nn.Module):
+    """CLIP/OWL-ViT-style: embeddings divided by their norm, written three ways (the `ord` argument in second
+    position must not be read as a dim)."""
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.b(F.relu(self.a(x)))                                        # (B, T, 12)
+        e1 = h / torch.linalg.norm(h, dim=-1, keepdim=True)
+        e2 = h / torch.linalg.vector_norm(h, 2, -1, True)
+        e3 = h / h.norm(2, -1, keepdim=True)
+        return self.head(e1 + e2 + e3)
+
+
+def test_linalg_norms_reduce_the_dim_they_name():
+    m, x = NormalizedEmbeddings().eval(), SEQ()
+    r = check_prunes(m, x)
+    assert r.model.a.out_features < 16 and r.model.b.out_features < 12
+    check_zero_channel_equivalence(m, x)
+
+
 class Experts(nn.Module):
     """Mixture of experts through torch._grouped_mm: tokens (T, K) x expert weights (E, K, N)."""
     def __init__(self):

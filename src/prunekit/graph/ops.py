@@ -52,9 +52,9 @@ CREATION = {
 UNIFORM = {"zeros", "ones", "empty", "full", "zeros_like", "ones_like", "empty_like", "full_like", "new_zeros",
            "new_ones", "new_empty", "new_full"}
 REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod", "all", "any",
-          "var_mean", "std_mean", "nansum", "nanmean", "vector_norm", "linalg_vector_norm"}
+          "var_mean", "std_mean", "nansum", "nanmean", "vector_norm", "linalg_vector_norm", "linalg_norm"}
 STAT_REDUCE = {"mean", "var", "std", "norm", "logsumexp", "var_mean", "std_mean", "nanmean", "vector_norm",
-               "linalg_vector_norm"}
+               "linalg_vector_norm", "linalg_norm"}
 # ops whose outputs the values decide (which entries, in which order, how many); verification compares their
 # inputs (structured/watch.py). `where(cond)`, `max/min(dim)` and boolean-mask indexing join them by arguments.
 DATA_DEPENDENT = {"topk", "kthvalue", "sort", "argsort", "msort", "cummax", "cummin", "nms", "roi_align",

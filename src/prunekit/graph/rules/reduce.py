@@ -8,6 +8,9 @@ from prunekit.graph.labels import reduce_to, tracked
 from prunekit.graph.ops import STAT_REDUCE, tensors
 
 
+NORMS = {"norm", "vector_norm", "linalg_vector_norm", "linalg_norm"}
+
+
 def reduce(tr, name, args, kwargs, out):
     src = args[0] if args and isinstance(args[0], torch.Tensor) else None
     outs = tensors(out)
@@ -15,7 +18,7 @@ def reduce(tr, name, args, kwargs, out):
         return
     dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
     keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
-    if name == "norm":
+    if name in NORMS:                      # norm(input, p/ord, dim, keepdim): the second argument is not a dim
         dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
         keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
     if dim is None:
