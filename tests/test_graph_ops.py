@@ -226,6 +226,35 @@ def test_linalg_norms_reduce_the_dim_they_name():
     check_zero_channel_equivalence(m, x)
 
 
+class OutOfPlaceWrites(nn.Module):
+    """PhiMoE-style router masking with torch.scatter(scores, -1, top, -inf), and tokens gathered back with an
+    out-of-place index_add: the copies carry the input's channels, the written dim is pinned."""
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = x.flatten(0, 1)                                                  # (T, 8)
+        scores = self.router(t)                                              # (T, E)
+        top = scores.argmax(-1, keepdim=True)
+        second = torch.scatter(scores, -1, top, float("-inf")).softmax(-1)   # (T, E)
+        h = F.relu(self.up(t))                                               # (T, 16)
+        idx = torch.arange(t.shape[0]).flip(0)
+        h = torch.zeros_like(h).index_add(0, idx, h)                         # rows permuted, channels kept
+        y = self.down(h) * second.amax(-1, keepdim=True)
+        return self.head(y.scatter_add(0, idx[:, None].expand_as(y), y))
+
+
+def test_out_of_place_scatter_and_index_add_keep_channels():
+    m, x = OutOfPlaceWrites().eval(), SEQ()
+    r = check_prunes(m, x)
+    assert r.model.up.out_features < 16 and r.model.router.out_features == 4      # experts dim pinned
+    check_zero_channel_equivalence(m, x)
+
+
 class Experts(nn.Module):
     """Mixture of experts through torch._grouped_mm: tokens (T, K) x expert weights (E, K, N)."""
     def __init__(self):

@@ -25,8 +25,8 @@ from prunekit.graph.ops import (CREATION, ELEMENTWISE, MOVEMENT, REDUCE, SPATIAL
 from prunekit.graph.rules.contraction import (rule_addmm, rule_baddbmm, rule_conv, rule_einsum, rule_grouped_mm,
                                               rule_linear, rule_matmul, rule_mha, rule_sdpa)
 from prunekit.graph.rules.elementwise import elementwise, rule_prelu, unary
-from prunekit.graph.rules.indexing import (rule_copy_, rule_embedding, rule_index_write, rule_scatter_,
-                                           rule_setitem)
+from prunekit.graph.rules.indexing import (out_of_place, rule_copy_, rule_embedding, rule_index_write,
+                                           rule_scatter_, rule_setitem)
 from prunekit.graph.rules.movement import movement
 from prunekit.graph.rules.norms import (rule_batch_norm, rule_group_norm, rule_layer_norm, rule_normalize,
                                         rule_rms_norm, rule_weight_norm)
@@ -67,6 +67,8 @@ RULES: Dict[str, Callable] = {
     # in-place writes (indexing.py)
     "copy_": rule_copy_, "index_add_": rule_index_write, "index_copy_": rule_index_write,
     "scatter_": rule_scatter_, "scatter_add_": rule_scatter_,
+    "scatter": out_of_place(rule_scatter_), "scatter_add": out_of_place(rule_scatter_),
+    "index_add": out_of_place(rule_index_write), "index_copy": out_of_place(rule_index_write),
 }
 
 

@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from prunekit.graph.labels import align, collapse, reduce_to, tracked
-from prunekit.graph.ops import arg
+from prunekit.graph.ops import arg, tensors
 
 
 def rule_embedding(tr, args, kwargs, out):
@@ -135,3 +135,16 @@ def rule_scatter_(tr, args, kwargs, out):
     full = [d for d in range(target.dim()) if d != dim and index.shape[d] == target.shape[d]]
     lined = [(d, d) for d in full if isinstance(src, torch.Tensor) and src.shape[d] == target.shape[d]]
     write(tr, target, src, lined, [d for d in range(target.dim()) if d not in full])
+
+
+def out_of_place(rule):
+    """The rule of `torch.scatter(x, ...)`, `x.index_add(...)` etc.: the result is a copy of `x` (same channels)
+    that then receives the write exactly as the in-place op would."""
+    def apply(tr, args, kwargs, out):
+        res = tensors(out)
+        if not res or not isinstance(args[0], torch.Tensor):
+            return
+        tr.set(res[0], list(tr.blocks(args[0])))
+        rule(tr, (res[0],) + tuple(args[1:]), kwargs, res[0])
+    apply.__doc__ = f"Out-of-place form of {rule.__name__}: {rule.__doc__ or ''}"
+    return apply
