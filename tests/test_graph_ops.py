@@ -255,6 +255,29 @@ def test_out_of_place_scatter_and_index_add_keep_channels():
     check_zero_channel_equivalence(m, x)
 
 
+class SameSizedAttributes(nn.Module):
+    """torchvision-ViT-style: `hidden` and `image_size` are both 8; forward reshapes with self.hidden and
+    checks the input against self.image_size. Only the attribute passed to reshape may follow the cut."""
+    def __init__(self):
+        super().__init__()
+        self.image_size, self.hidden = 8, 8
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        assert x.shape[-1] == self.image_size, f"expected {self.image_size}, got {x.shape[-1]}"
+        n = x.shape[0]
+        width = self.hidden
+        h = self.proj(x).reshape(n, width, -1)                               # (N, hidden, patches)
+        return self.head(h.mean(-1))
+
+
+def test_literal_size_rewrites_only_the_attribute_the_code_reshapes_with():
+    m, x = SameSizedAttributes().eval(), torch.randn(2, 3, 8, 8)
+    r = check_prunes(m, x)
+    assert r.model.hidden == r.model.proj.out_channels < 8 and r.model.image_size == 8
+
+
 class Experts(nn.Module):
     """Mixture of experts through torch._grouped_mm: tokens (T, K) x expert weights (E, K, N)."""
     def __init__(self):

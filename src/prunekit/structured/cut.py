@@ -16,6 +16,7 @@ from prunekit.batch import call_model, eval_mode
 from prunekit.errors import GraphError
 from prunekit.graph.groups import DependencyGraph
 from prunekit.models import hf
+from prunekit.structured.source import shape_attrs
 from prunekit.structured.surgery import apply_kept, is_known_module
 from prunekit.structured.verify import Verification, record_outputs, tensors_of, tolerance, verify_cut
 from prunekit.structured.watch import Watch
@@ -56,9 +57,12 @@ def _literal_attr_updates(graph: DependencyGraph, model: nn.Module, removed) -> 
                 continue
             if is_known_module(mod):
                 continue
-            for attr, v in vars(mod).items():
-                if attr.startswith("_") or isinstance(v, bool) or not isinstance(v, int) or v != old:
-                    continue
+            candidates = [a for a, v in vars(mod).items()
+                          if not a.startswith("_") and isinstance(v, int) and not isinstance(v, bool) and v == old]
+            used = shape_attrs(type(mod)) if len(candidates) > 1 else None
+            if used and set(candidates) & used:       # several ints hold this size: the ones the code reshapes with
+                candidates = [a for a in candidates if a in used]
+            for attr in candidates:
                 key = (rec.module, attr)
                 if updates.get(key, new) != new:
                     where = f"module '{rec.module}'" if rec.module else "the model"
