@@ -149,7 +149,9 @@ def structured(st, model, x, kind):
     st["result"] = r
     before, after = pk.count_params(model), pk.count_params(r.model)
     if after >= before:
-        return "none", f"nothing pruned ({r.stats.get('auto_ignored') or 'no prunable group'})"
+        pins = r.stats.get("pinned_by") or []
+        why = r.stats.get("auto_ignored") or ("pinned by " + pins[0] if pins else "no prunable group")
+        return "none", f"nothing pruned ({why})"
     err = rel_err(observed(r.model, x, kind), observed(zeroed_dense(model, r.plan.kept), x, kind))
     detail = f"{before / after:.2f}x fewer params, rel err vs zeroed dense {err:.1e}"
     if err <= 1e-4:

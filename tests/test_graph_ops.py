@@ -3,6 +3,7 @@ matmul, split sizes computed in code) and GraphError hints that work. Tiny in-fi
 sizes when timm is installed."""
 import ast
 import re
+import warnings
 
 import pytest
 import torch
@@ -276,6 +277,30 @@ def test_literal_size_rewrites_only_the_attribute_the_code_reshapes_with():
     m, x = SameSizedAttributes().eval(), torch.randn(2, 3, 8, 8)
     r = check_prunes(m, x)
     assert r.model.hidden == r.model.proj.out_channels < 8 and r.model.image_size == 8
+
+
+class SwapsHalves(nn.Module):
+    """Every prunable width goes through a split by a literal list: nothing can be cut."""
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        lo, hi = self.a(x).split([6, 10], dim=-1)
+        return self.head(torch.cat([hi, lo], -1))
+
+
+def test_a_cut_that_removes_nothing_says_which_op_pinned_the_channels():
+    m, x = SwapsHalves().eval(), SEQ()
+    with pytest.warns(UserWarning, match=r"removed nothing: .*op 'split' in the top-level forward"):
+        r = pk.prune(m, pk.Structured(ratio=0.5), example_inputs=x)
+    assert r.stats["pinned_by"][0] == "op 'split' in the top-level forward of the model"
+    assert "removed nothing" in r.summary() and r.stats["params_after"] == r.stats["params_before"]
+    assert torch.equal(r.model(x), m(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # ratio 0 asks for nothing: no warning
+        pk.prune(m, pk.Structured(ratio=0.0), example_inputs=x)
 
 
 class Experts(nn.Module):

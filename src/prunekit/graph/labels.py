@@ -18,7 +18,7 @@ hand-written index rules: the ids land exactly where the data lands.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ class IdSpace:
         self.next = 1  # 0 is PIN
         self._a: List[torch.Tensor] = []
         self._b: List[torch.Tensor] = []
+        self.site: Optional[str] = None          # what is running now (the tracer sets it per op), for pin_sites
+        self.pin_sites: Dict[str, int] = {}      # site -> ids it pinned directly: why channels were kept whole
 
     def fresh(self, n: int) -> torch.Tensor:
         ids = torch.arange(self.next, self.next + n, dtype=torch.long)
@@ -64,6 +66,8 @@ class IdSpace:
         ids = ids.reshape(-1)
         ids = ids[ids >= 0]
         if ids.numel():
+            if self.site:
+                self.pin_sites[self.site] = self.pin_sites.get(self.site, 0) + int(ids.numel())
             self.union(torch.zeros_like(ids), ids)
 
     def components(self) -> np.ndarray:

@@ -134,7 +134,9 @@ class Tracer(TorchFunctionMode):
                 ids = self.space.fresh(n)
                 self.slots.append(Slot(name, d, ids, is_buf))
                 if id(t) in self.ignored_param_ids:
+                    site, self.space.site = self.space.site, None      # asked for (ignore=): not reported
                     self.space.pin(ids)
+                    self.space.site = site
                     self.ignored_ids.append(ids)
                 if n > 1:
                     shape = [1] * t.dim()
@@ -303,6 +305,7 @@ class Tracer(TorchFunctionMode):
         has_blocks = any(self.blocks(t) for t in ins)
         mod = self.module_stack[-1]
         ignored = bool(mod) and self._is_ignored(mod)
+        self.space.site = self.where(name)
         try:
             apply(self, name, func, args, kwargs, out, has_blocks)
         except Exception:
@@ -314,6 +317,7 @@ class Tracer(TorchFunctionMode):
                 self.set(o, [])
             ignored = True
         if ignored:       # an ignored module keeps every channel it touches; its ops still count towards MACs
+            self.space.site = None                     # asked for (ignore=), not a reason to report
             for t in ins + tensors(out):
                 self.pin_tensor(t)
         self._finish_reshape()
@@ -374,6 +378,7 @@ def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str
             else:
                 output = model(example_inputs)
         # the model's outputs keep their shape
+        tr.space.site = None
         for o in tensors(output if not hasattr(output, "to_tuple") else output.to_tuple()):
             tr.pin_tensor(o)
     finally:

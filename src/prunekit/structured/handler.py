@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -105,9 +106,36 @@ def prune_structured(model: nn.Module, cfg: Structured, *, example_inputs=None, 
              "ignore": ignore, "verification": cut.verification.to_dict()}
     if lat_info:
         stats.update(lat_info)
-    if warning:
-        stats["warnings"] = [warning]
+    stats["pinned_by"] = pinned_by(graph)
+    empty = nothing_cut(cfg, removed, stats["pinned_by"], cuts_something)
+    if empty:
+        warnings.warn(empty, stacklevel=3)
+    stats["warnings"] = [w for w in (warning, empty) if w]
+    if not stats["warnings"]:
+        del stats["warnings"]
     return PruneResult(model=pruned, plan=plan, config=cfg, stats=stats)
+
+
+def pinned_by(graph: DependencyGraph, top: int = 5) -> List[str]:
+    """The ops that pinned the most channels (kept them whole), largest first, repeats across blocks folded
+    into one entry ('layers.#.mixer')."""
+    folded: Dict[str, int] = {}
+    for site, n in graph.trace.space.pin_sites.items():
+        key = re.sub(r"\.\d+(?=\.|')", ".#", site)
+        folded[key] = folded.get(key, 0) + n
+    return [k for k, _ in sorted(folded.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def nothing_cut(cfg: Structured, removed, pinned: List[str], asked: bool) -> Optional[str]:
+    """A warning when a non-zero ratio or a target cut nothing at all, saying what kept the channels."""
+    if removed or not asked:
+        return None
+    why = (f"the channels are pinned (kept whole) by {'; '.join(pinned[:3])}: these ops read channels by position "
+           f"or with sizes prunekit cannot rewrite" if pinned else "the model has no channel group prunekit may cut "
+           f"(every width feeds the model's outputs or an ignored module)")
+    return (f"Structured({cfg.ratio if cfg.target is None else cfg.target!r}) removed nothing: {why}. The model is "
+            f"unchanged; prune another granularity (pk.Layers for whole blocks, pk.Sparse for weights) or report "
+            f"the op above")
 
 
 def is_causal_lm(model: nn.Module) -> bool:
