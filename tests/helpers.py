@@ -5,6 +5,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import prunekit as pk
 from prunekit.structured.cut import cut_valid, run_model
@@ -112,3 +113,20 @@ class TwoLinear(nn.Module):
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
+
+
+class GroupedExperts(nn.Module):
+    """Mixture of experts through torch._grouped_mm: tokens (T, K) x expert weights (E, K, N)."""
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.w1 = nn.Parameter(torch.randn(2, 16, 32) * 0.2)
+        self.w2 = nn.Parameter(torch.randn(2, 32, 16) * 0.2)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        t = self.inp(x).flatten(0, 1)
+        offs = torch.tensor([5, t.shape[0]], dtype=torch.int32)
+        h = F.relu(torch._grouped_mm(t, self.w1, offs=offs))
+        return self.head(torch._grouped_mm(h, self.w2, offs=offs))

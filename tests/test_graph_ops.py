@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import check_prunes, check_save_load, check_zero_channel_equivalence, outputs
+from helpers import GroupedExperts, check_prunes, check_save_load, check_zero_channel_equivalence, outputs
 
 import prunekit as pk
 from prunekit.errors import GraphError
@@ -303,26 +303,10 @@ def test_a_cut_that_removes_nothing_says_which_op_pinned_the_channels():
         pk.prune(m, pk.Structured(ratio=0.0), example_inputs=x)
 
 
-class Experts(nn.Module):
-    """Mixture of experts through torch._grouped_mm: tokens (T, K) x expert weights (E, K, N)."""
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(8, 16)
-        self.w1 = nn.Parameter(torch.randn(2, 16, 32) * 0.2)
-        self.w2 = nn.Parameter(torch.randn(2, 32, 16) * 0.2)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        t = self.inp(x).flatten(0, 1)
-        offs = torch.tensor([5, t.shape[0]], dtype=torch.int32)
-        h = F.relu(torch._grouped_mm(t, self.w1, offs=offs))
-        return self.head(torch._grouped_mm(h, self.w2, offs=offs))
-
-
 def test_grouped_mm_prunes_expert_widths():
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm is not in this torch")
-    m, x = Experts().eval(), SEQ()
+    m, x = GroupedExperts().eval(), SEQ()
     r = check_prunes(m, x, round_to=4)                   # the CPU kernel wants 16-byte strides
     assert r.model.w1.shape[0] == 2 and r.model.w1.shape[2] == r.model.w2.shape[1] < 32
     assert r.model.w1.shape[1] == r.model.inp.out_features == r.model.w2.shape[2] == r.model.head.in_features

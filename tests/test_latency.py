@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from helpers import GroupedExperts
 
 import prunekit as pk
 from prunekit.errors import ConfigError
@@ -84,29 +85,13 @@ def test_latency_config_errors_name_the_field(kw, field):
         L.Latency(**kw)
 
 
-class StackedExperts(nn.Module):
-    """Two experts as one (E, K, N) weight pair run by torch._grouped_mm (Mixtral/OLMoE's grouped path)."""
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(8, 16)
-        self.w1 = nn.Parameter(torch.randn(2, 16, 32) * 0.2)
-        self.w2 = nn.Parameter(torch.randn(2, 32, 16) * 0.2)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        t = self.inp(x).flatten(0, 1)
-        offs = torch.tensor([5, t.shape[0]], dtype=torch.int32)
-        return self.head(torch._grouped_mm(torch.relu(torch._grouped_mm(t, self.w1, offs=offs)), self.w2, offs=offs))
-
-
 def test_latency_target_keeps_stacked_expert_rows_16_byte_aligned(monkeypatch):
     """The latency search rounds kept widths like the ratio path: a stacked expert width the grouped kernel
     reads keeps a multiple of 4 float32 channels (16-byte rows), even with round_to=1, and the result runs."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm is not in this torch")
     monkeypatch.setattr(L, "measured_timer", lambda *a, **k: fake_timer)
-    m, x = StackedExperts().eval(), torch.randn(2, 6, 8)
+    m, x = GroupedExperts().eval(), torch.randn(2, 6, 8)
     res = pk.prune(m, Structured(target=L.Latency(speedup=1.4, max_ratio=0.6)), example_inputs=x)
     width = res.model.w1.shape[2]
     assert width < 32 and width % 4 == 0 and res.model.w2.shape[1] == width
