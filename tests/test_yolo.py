@@ -1,6 +1,7 @@
 """Ultralytics YOLOv8n / YOLO11n built from their yaml (random init, no download): structured pruning keeps the
 Detect head's outputs and is verified exact, Wanda calibrates (whole-model: the head's per-level ModuleLists
-are not a chain) the pruned model exports to ONNX, and a short recovery with ultralytics' own loss brings it down. ultralytics (AGPL) is a test/benchmark-only dependency; prunekit never imports it."""
+are not a chain), the pruned model exports to ONNX, and a short recovery with ultralytics' own detection loss
+brings that loss down. ultralytics (AGPL) is a test/benchmark-only dependency; prunekit never imports it."""
 import math
 
 import pytest
