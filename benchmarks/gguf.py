@@ -11,6 +11,8 @@ Variants (all pruned with data-aware importance on calibration windows of Pride 
     both    width, then depth
     <v>+kd  with --recover-tokens N: each pruned variant distilled from dense on N tokens of the other Austen
             novels (pk.precompute_teacher once, then pk.recover(teacher=cache, loss="kd"))
+    <v>+<loss>  with --recovered DIR: the models benchmarks/llm_recover.py --save-dir DIR recovered (its own
+            prune and recovery settings; see docs/benchmarks.md)
 Measured in llama.cpp (llama-cpp-python 0.3.36), 2 threads: prefill tokens/s of a 512-token prompt and decode
 tokens/s of 128 greedy tokens (default F16 KV cache, as users run it), all files interleaved in one loop, medians
 over --reps; perplexity on held-out 512-token windows of "Persuasion" (the book no calibration or recovery text
@@ -129,7 +131,13 @@ def main():
     ap.add_argument("--out", default=None, help="write results JSON here")
     ap.add_argument("--recover-tokens", type=int, default=0,
                     help="also export every pruned variant after KD recovery on this many tokens (0: none)")
+    ap.add_argument("--recovered", default=None,
+                    help="also export the models benchmarks/llm_recover.py --save-dir wrote (<variant>-<loss> dirs)")
+    ap.add_argument("--models", nargs="*", default=None,
+                    help="only these models (e.g. dense width width+kd); dense is the baseline and must be among them")
     a = ap.parse_args()
+    if a.models and "dense" not in a.models:
+        sys.exit("--models must include dense (every ratio is against it)")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     model, tok = load_model()
@@ -142,6 +150,15 @@ def main():
     models = variants(model, calib, work)
     print(f"pruned in {time.perf_counter() - t0:.0f}s", flush=True)
     models.update(recovered(models, model, tok, a.recover_tokens, work))
+    if a.recovered:          # models recovered by benchmarks/llm_recover.py --save-dir: <variant>-<loss> -> <variant>+<loss>
+        for d in sorted(Path(a.recovered).iterdir()):
+            if (d / "plan.json").is_file():
+                models[d.name.replace("-", "+", 1)] = pk.load(d).float().eval()
+    if a.models:
+        missing = set(a.models) - set(models)
+        if missing:
+            sys.exit(f"--models names {sorted(missing)}; available: {sorted(models)}")
+        models = {n: m for n, m in models.items() if n in a.models}
     result = {"command": "python benchmarks/gguf.py " + " ".join(sys.argv[1:]), "threads": a.threads,
               "window": WINDOW, "calib_windows": a.calib, "heldout_windows": a.windows, "decode_tokens": a.decode,
               "reps": a.reps, "env": environment_info()}
