@@ -151,9 +151,17 @@ def main():
     print(f"pruned in {time.perf_counter() - t0:.0f}s", flush=True)
     models.update(recovered(models, model, tok, a.recover_tokens, work))
     if a.recovered:          # models recovered by benchmarks/llm_recover.py --save-dir: <variant>-<loss> -> <variant>+<loss>
-        for d in sorted(Path(a.recovered).iterdir()):
-            if (d / "plan.json").is_file():
-                models[d.name.replace("-", "+", 1)] = pk.load(d).float().eval()
+        dirs = sorted((d for d in Path(a.recovered).iterdir() if (d / "plan.json").is_file()),
+                      key=lambda d: (not d.name.endswith("-none"), d.name))     # <variant>-none (the prune) first
+        for d in dirs:
+            try:
+                m = pk.load(d)
+            except pk.LoadError:     # saved from a bare recovered model (no plan): its own HF directory
+                base = models.get(d.name.split("-")[0] + "+none")
+                if base is None:
+                    raise
+                m = type(base).from_pretrained(d, dtype=torch.float32)
+            models[d.name.replace("-", "+", 1)] = m.float().eval()
     if a.models:
         missing = set(a.models) - set(models)
         if missing:
