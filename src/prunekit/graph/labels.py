@@ -62,11 +62,13 @@ class IdSpace:
         if ids.numel() > 1:
             self.union(ids[:1].expand(ids.numel() - 1), ids[1:])
 
-    def pin(self, ids: torch.Tensor):
+    def pin(self, ids: torch.Tensor, report: bool = True):
+        """Keep `ids` whole; counted under the current `site` unless `report` is False (asked for by ignore=, or
+        the model's outputs: not a reason to tell the user)."""
         ids = ids.reshape(-1)
         ids = ids[ids >= 0]
         if ids.numel():
-            if self.site:
+            if report and self.site:
                 self.pin_sites[self.site] = self.pin_sites.get(self.site, 0) + int(ids.numel())
             self.union(torch.zeros_like(ids), ids)
 

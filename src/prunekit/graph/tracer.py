@@ -134,9 +134,7 @@ class Tracer(TorchFunctionMode):
                 ids = self.space.fresh(n)
                 self.slots.append(Slot(name, d, ids, is_buf))
                 if id(t) in self.ignored_param_ids:
-                    site, self.space.site = self.space.site, None      # asked for (ignore=): not reported
-                    self.space.pin(ids)
-                    self.space.site = site
+                    self.space.pin(ids, report=False)                  # asked for (ignore=)
                     self.ignored_ids.append(ids)
                 if n > 1:
                     shape = [1] * t.dim()
@@ -226,9 +224,9 @@ class Tracer(TorchFunctionMode):
     def _collapse_grid(self, g, k):
         return collapse(self.space, g, k)
 
-    def pin_tensor(self, t):
+    def pin_tensor(self, t, report: bool = True):
         for b in self.blocks(t):
-            self.space.pin(b)
+            self.space.pin(b, report)
 
     def stat(self, ids):
         if ids is not None:
@@ -317,9 +315,8 @@ class Tracer(TorchFunctionMode):
                 self.set(o, [])
             ignored = True
         if ignored:       # an ignored module keeps every channel it touches; its ops still count towards MACs
-            self.space.site = None                     # asked for (ignore=), not a reason to report
             for t in ins + tensors(out):
-                self.pin_tensor(t)
+                self.pin_tensor(t, report=False)           # asked for (ignore=)
         self._finish_reshape()
 
     def _finish_reshape(self):
@@ -378,9 +375,8 @@ def trace(model: nn.Module, example_inputs, ignore: Sequence[str] = (), gqa: str
             else:
                 output = model(example_inputs)
         # the model's outputs keep their shape
-        tr.space.site = None
         for o in tensors(output if not hasattr(output, "to_tuple") else output.to_tuple()):
-            tr.pin_tensor(o)
+            tr.pin_tensor(o, report=False)
     finally:
         for h in handles:
             h.remove()
