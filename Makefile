@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-lock.txt 2>/
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# pip's wheel cache would hold a second copy of every download on the same disk as the venv
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: install system-deps llamacpp demo test test-all bench clean
 
@@ -29,6 +31,8 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq $(SYSTEM_PKGS)) >/dev/null 2>&1 || echo "warning: apt-get install $(SYSTEM_PKGS) failed"; fi
 
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 8 ] || \
+	  echo "warning: $$free GiB free on this disk; the venv needs about 7 GiB (torch 2.14.1 is a CUDA build)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch/torchvision resolve from this machine's local wheel store (capped at 2.14.1 / 0.29.1)
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
