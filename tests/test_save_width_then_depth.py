@@ -40,3 +40,27 @@ def test_width_then_depth_reloads_exactly(tmp_path, width):
     assert len(again.model.layers) == 3
     with torch.no_grad():
         torch.testing.assert_close(again(IDS).logits, r.model(IDS).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("steps", ["width", "width+depth"])
+def test_bare_model_saved_after_recovery_keeps_its_plan(tmp_path, steps):
+    """pk.recover trains the pruned model in place; pk.save(model) -- not the PruneResult -- must still write the
+    plan, so pk.load(dir) rebuilds per-layer widths with no original model at hand."""
+    r = pk.prune(tiny(), pk.Structured(ratio=0.5, global_ranking=True), example_inputs={"input_ids": IDS})
+    if steps == "width+depth":
+        r = pk.prune(r.model, pk.Layers(n=1), data=[{"input_ids": IDS}])
+    docs = [torch.randint(1, 97, (24,), generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    before = {k: v.clone() for k, v in r.model.state_dict().items()}
+    model = pk.recover(r.model, data=docs, tokens=64, seq_len=16, batch_size=2, loss="task", quiet=True)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())    # it did train
+    pk.save(model.eval(), tmp_path / "bare")
+    pk.save(r, tmp_path / "result")
+    plan = json.loads((tmp_path / "bare" / "plan.json").read_text())
+    assert plan == json.loads((tmp_path / "result" / "plan.json").read_text()) and plan["hf_class"] == "LlamaForCausalLM"
+    again = pk.load(tmp_path / "bare")
+    assert [b.mlp.up_proj.out_features for b in again.model.layers] == \
+        [b.mlp.up_proj.out_features for b in model.model.layers]
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    pk.save(again, tmp_path / "resaved")               # the loaded model carries the plan too
+    assert json.loads((tmp_path / "resaved" / "plan.json").read_text()) == plan

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from prunekit.config import Config, get_handler
 from prunekit.errors import ConfigError, InputTypeError
-from prunekit.plan import Plan
+from prunekit.plan import Plan, attach_plan
 
 
 @dataclasses.dataclass
@@ -65,7 +65,9 @@ def prune(model: nn.Module, config: Config, **context) -> PruneResult:
                              f"pk.Structured(ratio=0.5), got {type(config).__name__}")
     handler = get_handler(config)
     check_context(handler, config, context)
-    return handler(model, config, **context)
+    result = handler(model, config, **context)
+    attach_plan(result.model, result.plan)       # pk.save(result.model) after recovery keeps the plan
+    return result
 
 
 def check_context(handler, config: Config, context: Dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from prunekit.errors import LoadError
 
-__all__ = ["Plan", "PLAN_VERSION", "KINDS", "plan_format", "compose_plans"]
+__all__ = ["Plan", "PLAN_VERSION", "KINDS", "plan_format", "compose_plans", "attach_plan", "plan_of"]
 
 PLAN_VERSION = 1
 KINDS = ("structured", "layers", "sparse")
@@ -124,6 +124,22 @@ class Plan:
                                 f"the plan file is corrupt or was edited by hand")
             kwargs[k] = v
         return cls(kind=kind, **kwargs)
+
+
+_PLAN_ATTR = "_prunekit_plan"
+
+
+def attach_plan(model, plan: Optional["Plan"]) -> None:
+    """Record on `model` the plan that made it (pk.prune and pk.load do), so that `pk.save(model)` of the bare
+    model -- after pk.recover trained it in place, say -- writes the same plan as `pk.save(result)`."""
+    if plan is not None:
+        object.__setattr__(model, _PLAN_ATTR, plan)
+
+
+def plan_of(model) -> Optional["Plan"]:
+    """The plan `attach_plan` recorded on `model` (None when it has none)."""
+    p = getattr(model, _PLAN_ATTR, None)
+    return p if isinstance(p, Plan) else None
 
 
 def compose_plans(first: Optional[Plan], second: Plan) -> Plan:

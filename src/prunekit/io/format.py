@@ -25,7 +25,7 @@ from prunekit.io.atomic import atomic_dir, atomic_write_json
 from prunekit.io.hf import BASE_CONFIG, load_hf, save_hf
 from prunekit.io.schema import safe_file, sha256_file
 from prunekit.io.state import META, PLAN, WEIGHTS, load_state, read_plan, replay, save_weights
-from prunekit.plan import Plan
+from prunekit.plan import Plan, attach_plan, plan_of
 from prunekit.version import __version__
 
 
@@ -54,8 +54,12 @@ def save(result, path: Union[str, Path]) -> Path:
     Hugging Face models are written as a Hugging Face directory (see prunekit.io.hf) as well."""
     path = Path(path)
     _check_target(path)
-    model = result.model if hasattr(result, "model") else result
-    plan = Plan.from_dict(getattr(result, "plan", None) or Plan(), where="pk.save: result.plan")
+    # a module is saved as itself: Hugging Face causal LMs have a `.model` attribute (their inner decoder)
+    bare = isinstance(result, nn.Module)
+    model = result if bare or not hasattr(result, "model") else result.model
+    # a bare model carries the plan pk.prune / pk.load attached to it (e.g. saved after pk.recover)
+    plan = Plan.from_dict((None if bare else getattr(result, "plan", None)) or plan_of(model) or Plan(),
+                          where="pk.save: result.plan")
     hf_save = getattr(model, "save_pretrained", None)
     try:
         with atomic_dir(path) as tmp:
@@ -90,7 +94,9 @@ def load(path: Union[str, Path], model: Optional[nn.Module] = None, strict: bool
         if verify and BASE_CONFIG not in files and (path / BASE_CONFIG).exists():
             raise LoadError(f"pk.load('{path}'): {META} does not list {BASE_CONFIG}, so it cannot be verified; "
                             f"re-save with pk.save or pass verify=False")
-        return load_hf(path, plan)
+        model = load_hf(path, plan)
+        attach_plan(model, plan)
+        return model
     replay(model, plan)
     weights = safe_file(path, WEIGHTS, f"pk.load('{path}')")
     try:
@@ -98,4 +104,5 @@ def load(path: Union[str, Path], model: Optional[nn.Module] = None, strict: bool
     except (SafetensorError, OSError, ValueError) as e:
         raise LoadError(f"pk.load: '{weights}' is not a readable safetensors file ({e})") from e
     load_state(model, sd, strict=strict, where=str(weights))
+    attach_plan(model, plan)
     return model
