@@ -9,8 +9,11 @@ Variants (all pruned with data-aware importance on calibration windows of Pride 
             groups (3 of 9 query heads) and 25% of the FFN per layer
     depth   pk.Layers(n=6): 6 of 30 blocks (block influence)
     both    width, then depth
-    <v>+kd  with --recover-tokens N: each pruned variant distilled from dense on N tokens of the other Austen
-            novels (pk.precompute_teacher once, then pk.recover(teacher=cache, loss="kd"))
+    all     width with the hidden size cut too (576 -> 448: prune_hidden=True, round_to=32 so every width stays a
+            multiple of Q8_0's 32-wide blocks), then depth; the Minitron-style combination, which needs recovery
+    <v>+kd  with --recover-tokens N: each pruned variant (or those --recover-variants names) distilled from dense
+            on N tokens of the other Austen novels (pk.precompute_teacher once, then pk.recover(teacher=cache,
+            loss="kd"))
     <v>+<loss>  with --recovered DIR: the models benchmarks/llm_recover.py --save-dir DIR recovered (its own
             prune and recovery settings; see docs/benchmarks.md)
 Measured in llama.cpp (llama-cpp-python 0.3.36), 2 threads: prefill tokens/s of a 512-token prompt and decode
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -52,7 +56,7 @@ DTYPES = ("f16", "q8_0", "q4_k_m")
 def variants(model, calib, work: Path):
     """{name: pruned model}; calibration windows drive Taylor importance and block influence. Pruned models are
     kept in `work` (pk.save) and reloaded by later runs with the same --calib."""
-    names = ("width", "depth", "both")
+    names = ("width", "depth", "both", "all")
     tag = f"calib{len(calib)}"
     if all((work / f"{n}-{tag}" / "plan.json").is_file() for n in names):
         # this script's own cache (written by an earlier run, possibly by an older prunekit)
@@ -64,6 +68,9 @@ def variants(model, calib, work: Path):
     res = {"width": pk.prune(model, width_cfg, example_inputs=ex)}
     res["depth"] = pk.prune(model, pk.Layers(n=6), data=calib)
     res["both"] = pk.prune(res["width"].model, pk.Layers(n=6), data=calib)
+    hidden_cfg = dataclasses.replace(width_cfg, ratio={**width_cfg.ratio, "model.embed_tokens": 0.23},
+                                     prune_hidden=True, round_to=32)
+    res["all"] = pk.prune(pk.prune(model, hidden_cfg, example_inputs=ex).model, pk.Layers(n=6), data=calib)
     for n, r in res.items():
         pk.save(r, work / f"{n}-{tag}")
     return {"dense": model, **{n: r.model for n, r in res.items()}}
@@ -76,7 +83,8 @@ def tensor_bytes(path) -> int:
 def shape_of(model) -> dict:
     layers = model.model.layers
     hd = layers[0].self_attn.head_dim
-    return {"layers": len(layers), "heads": sorted({b.self_attn.q_proj.out_features // hd for b in layers}),
+    return {"layers": len(layers), "hidden": model.model.embed_tokens.embedding_dim,
+            "heads": sorted({b.self_attn.q_proj.out_features // hd for b in layers}),
             "kv_heads": sorted({b.self_attn.k_proj.out_features // hd for b in layers}),
             "ffn": sorted({b.mlp.up_proj.out_features for b in layers}), "params": pk.count_params(model)}
 
@@ -86,32 +94,42 @@ def timed(files, prompt, n_decode, reps, threads):
     return interleaved_speeds(files, prompt, n_decode, reps, threads=threads, f32_cache=False)
 
 
-def recovered(models, dense, tok, tokens, work: Path, seq_len=256):
+def recovered(models, dense, tok, tokens, work: Path, tag: str, seq_len=256, only=None):
     """{"<variant>+kd": the variant distilled from dense for `tokens` tokens}: the teacher's top-64 targets on
-    the recovery texts are computed once (pk.precompute_teacher) and shared by every variant."""
+    the recovery texts are computed once (pk.precompute_teacher) and shared by every variant (or those in
+    `only`)."""
     if not tokens:
         return {}
+    if only:
+        unknown = set(only) - set(models)
+        if unknown:
+            sys.exit(f"--recover-variants names {sorted(unknown)}; pruned variants: {sorted(models)}")
     cache = pk.precompute_teacher(dense, pk.data.recovery_texts, work / f"teacher-{tokens}-{seq_len}", tokenizer=tok,
                                   tokens=tokens, seq_len=seq_len, top_k=64, temperature=1.0)
     out = {}
     for name, m in models.items():
-        if name == "dense":
+        if name == "dense" or (only and name not in only):
+            continue
+        saved = work / f"{name}-{tag}-kd{tokens}"
+        if (saved / "plan.json").is_file():           # recovered by an earlier run with the same settings
+            out[f"{name}+kd"] = pk.load(saved).float().eval()
             continue
         t = time.perf_counter()
         r = pk.recover(copy.deepcopy(m), teacher=cache, tokens=tokens, seq_len=seq_len, loss="kd", top_k=64,
                        temperature=1.0, lr=3e-4, warmup=0.1, quiet=True, return_result=True)
         out[f"{name}+kd"] = r.model.eval()
+        pk.save(r.model, saved)                       # carries the prune's plan (pk.prune attached it)
         print(f"recovered {name}: {tokens} tokens in {time.perf_counter() - t:.0f}s", flush=True)
     return out
 
 
 def markdown(rows) -> str:
-    out = ["| model | GGUF | layers / heads / KV / FFN | MiB | prefill tok/s (x) | decode tok/s (x) | "
+    out = ["| model | GGUF | layers / hidden / heads / KV / FFN | MiB | prefill tok/s (x) | decode tok/s (x) | "
            "MAC red. | byte red. | ppl llama.cpp | ppl PyTorch | diff |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["shape"]
-        out.append(f"| {r['model']} | {r['dtype']} | {s['layers']} / {s['heads']} / {s['kv_heads']} / {s['ffn']} | "
+        out.append(f"| {r['model']} | {r['dtype']} | {s['layers']} / {s.get('hidden', '-')} / {s['heads']} / {s['kv_heads']} / {s['ffn']} | "
                    f"{r['bytes'] / 2**20:.0f} | {r['prefill_tok_s']:.0f} ({r['prefill_x']:.2f}x) | "
                    f"{r['decode_tok_s']:.1f} ({r['decode_x']:.2f}x) | {r['mac_reduction']:.2f}x | "
                    f"{r['byte_reduction']:.2f}x | " + (f"{r['ppl_llama_cpp']:.2f} | {r['ppl_pytorch']:.2f} | "
@@ -131,6 +149,8 @@ def main():
     ap.add_argument("--out", default=None, help="write results JSON here")
     ap.add_argument("--recover-tokens", type=int, default=0,
                     help="also export every pruned variant after KD recovery on this many tokens (0: none)")
+    ap.add_argument("--recover-variants", nargs="*", default=None,
+                    help="with --recover-tokens: recover only these pruned variants (e.g. all)")
     ap.add_argument("--recovered", default=None,
                     help="also export the models benchmarks/llm_recover.py --save-dir wrote (<variant>-<loss> dirs)")
     ap.add_argument("--models", nargs="*", default=None,
@@ -149,7 +169,8 @@ def main():
     work = Path(a.workdir)
     models = variants(model, calib, work)
     print(f"pruned in {time.perf_counter() - t0:.0f}s", flush=True)
-    models.update(recovered(models, model, tok, a.recover_tokens, work))
+    models.update(recovered(models, model, tok, a.recover_tokens, work, f"calib{a.calib}",
+                            only=a.recover_variants))
     if a.recovered:          # models recovered by benchmarks/llm_recover.py --save-dir: <variant>-<loss> -> <variant>+<loss>
         dirs = sorted((d for d in Path(a.recovered).iterdir() if (d / "plan.json").is_file()),
                       key=lambda d: (not d.name.endswith("-none"), d.name))     # <variant>-none (the prune) first

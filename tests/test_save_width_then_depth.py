@@ -64,3 +64,22 @@ def test_bare_model_saved_after_recovery_keeps_its_plan(tmp_path, steps):
         torch.testing.assert_close(again(IDS).logits, model(IDS).logits, rtol=0, atol=0)
     pk.save(again, tmp_path / "resaved")               # the loaded model carries the plan too
     assert json.loads((tmp_path / "resaved" / "plan.json").read_text()) == plan
+
+
+def test_hidden_not_a_multiple_of_heads_then_depth(tmp_path):
+    """Llama keeps an explicit head_dim, so hidden 56 with 6 heads of 8 is a real model -- but transformers'
+    validator refuses that config ('hidden size is not a multiple of the number of attention heads'). A depth prune
+    after it must still save (recording the unpruned architecture) and reload exactly."""
+    ratio = {".*self_attn.*": 0.25, ".*mlp.*": 0.5, "model.embed_tokens": 0.125}
+    r = pk.prune(tiny(), pk.Structured(ratio=ratio, prune_hidden=True), example_inputs={"input_ids": IDS},
+                 data=[IDS])
+    heads = {b.self_attn.q_proj.out_features // 8 for b in r.model.model.layers}
+    hidden = r.model.model.embed_tokens.embedding_dim
+    assert hidden == 56 and heads == {6} and hidden % 6       # the case transformers' validator refuses
+    r = pk.prune(r.model, pk.Layers(n=1), data=[{"input_ids": IDS}])
+    pk.save(r, tmp_path)
+    assert "prunekit_note" in json.loads((tmp_path / "config.json").read_text())
+    again = pk.load(tmp_path)
+    assert len(again.model.layers) == 3 and again.model.embed_tokens.embedding_dim == 56
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS).logits, r.model(IDS).logits, rtol=0, atol=0)

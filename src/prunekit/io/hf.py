@@ -9,7 +9,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from prunekit.errors import LoadError
+from prunekit.errors import LoadError, SaveError
 from prunekit.io.schema import safe_file
 from prunekit.io.state import WEIGHTS, baked_state_dict, fit_to_tensors, load_state, replay
 from prunekit.models.hf import after_surgery, config_valid
@@ -24,7 +24,13 @@ def save_hf(model: nn.Module, plan: Plan, path: Path) -> None:
     if base is not None and not exact:
         # transformers validates the config while saving (e.g. hidden size a multiple of the heads): save the
         # base config, which always validates, and let pk.load rebuild the shapes from the plan and tensors
-        model.config = type(pruned_cfg).from_dict(base)
+        try:
+            model.config = type(pruned_cfg).from_dict(base)
+        except Exception as e:         # transformers' validators raise several exception types
+            raise SaveError(f"pk.save: the base config recorded in the plan ({plan.hf_class}) does not pass "
+                            f"transformers' validation ({str(e).strip().splitlines()[-1].strip()}); pk.save the "
+                            f"first pruning step's result (its plan records the unpruned architecture), or run "
+                            f"the steps in another order") from e
     try:
         model.save_pretrained(str(path), safe_serialization=True, state_dict=baked_state_dict(model))
     finally:

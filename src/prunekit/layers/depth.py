@@ -24,7 +24,7 @@ from prunekit.config import Config, register_config, register_handler
 from prunekit.errors import ConfigError
 from prunekit.measure.counts import count_params
 from prunekit.models.hf import config_valid, is_hf
-from prunekit.plan import Plan
+from prunekit.plan import Plan, plan_of
 
 IMPORTANCES = ("block_influence", "angular", "greedy_loss")
 
@@ -296,6 +296,28 @@ def replay_layers(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depths")
+
+
+def _base_config(model: nn.Module) -> Optional[dict]:
+    """The config a depth plan records as its base. Normally the model's own; but a width prune can leave a
+    config transformers refuses to build (Llama with hidden 448 and 6 heads of 64: 'hidden size is not a multiple
+    of the number of attention heads'), and then the architecture that width prune started from is recorded
+    instead -- pk.load takes every width from the tensors after dropping the blocks -- provided it has the same
+    depth (its layer indices are this plan's)."""
+    if not hasattr(model, "config"):
+        return None
+    own = model.config.to_dict()
+    earlier = plan_of(model)
+    if not is_hf(model) or config_valid(model.config) or earlier is None or earlier.kind != "structured" \
+            or not earlier.hf_base_config:
+        return own
+    root = earlier.hf_base_config
+    if any(root.get(k) != own.get(k) for k in _DEPTH_KEYS):
+        return own
+    return root
+
+
 @register_handler(Layers)
 def prune_layers(model: nn.Module, cfg: Layers, *, data=None, inplace: bool = False) -> PruneResult:
     if data is None:
@@ -306,7 +328,7 @@ def prune_layers(model: nn.Module, cfg: Layers, *, data=None, inplace: bool = Fa
         path, cands, remove = choose_blocks(model, cfg, batches)
     names = [_name(cands[k]) for k in remove]
     params_before = count_params(model)
-    base_config = model.config.to_dict() if hasattr(model, "config") else None
+    base_config = _base_config(model)
     out = model if inplace else copy.deepcopy(model)
     exact = drop_blocks(out, names)
     single = all(cands[k][0] == path for k in remove)

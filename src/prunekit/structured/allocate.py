@@ -124,7 +124,6 @@ def allocate(graph: DependencyGraph, scores: Dict[int, torch.Tensor], cfg: Struc
         total = len(entries)
         budget = int(math.floor(float(ratio) * total))
         removed_cnt = {g.index: 0 for g in graph.groups}
-        cap = {}
         cap = {g.index: min(int(math.floor(cfg.max_ratio_per_layer * g.n_units)),
                             g.n_units - min_keep(g, group_round_to(graph, g, cfg.round_to))) for g in graph.groups}
         for s, gi in entries:
