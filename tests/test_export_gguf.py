@@ -239,3 +239,27 @@ def test_dense_smollm2_in_llama_cpp(tmp_path):
         for _ in range(4):
             out.append(int(m(torch.tensor([out])).logits[0, -1].argmax()))
     assert gguf_greedy(info["path"], ids, 4) == out[len(ids):]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_amx_build_is_refused_on_quantized_files_not_run(tmp_path, monkeypatch, amx):
+    """llama.cpp's AMX backend segfaults on quantized weights (ggml-org/llama.cpp#20824; every Q8_0 file on this
+    project's Sapphire-Rapids-class CI machines): a crash would kill the process, so it is an ExportError first.
+    Checked against a stand-in llama_cpp module that reports the build flags; no llama.cpp needed."""
+    from types import SimpleNamespace
+
+    from prunekit.errors import ExportError
+    from prunekit.measure.llamacpp import ALLOW_AMX, check_amx
+    fake = SimpleNamespace(llama_print_system_info=lambda: (b"CPU : AVX2 = 1 | AMX_INT8 = %d | REPACK = 1" % amx))
+    m = tiny("llama", layers=1)
+    f32 = export_gguf(m, tmp_path / "m.gguf", dtype="f32", tokenizer=TOK)["path"]
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")       # one Q8_0 tensor is enough to count as quantized
+    w.add_tensor("x", np.zeros((1, 34), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    monkeypatch.delenv(ALLOW_AMX, raising=False)
+    check_amx(fake, f32)                                  # unquantized files run fine with AMX
+    if amx:
+        with pytest.raises(ExportError, match="AMX.*ggml-org/llama.cpp#20824.*GGML_NATIVE=OFF"):
+            check_amx(fake, tmp_path / "q.gguf")
+        monkeypatch.setenv(ALLOW_AMX, "1")
+    check_amx(fake, tmp_path / "q.gguf")

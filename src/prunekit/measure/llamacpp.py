@@ -7,6 +7,7 @@ would hide export errors in the comparison.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +18,28 @@ import numpy as np
 from prunekit.errors import ExportError
 
 GGML_TYPE_F32 = 0
+ALLOW_AMX = "PRUNEKIT_LLAMACPP_ALLOW_AMX"
+
+
+def _quantized(path: Union[str, Path]) -> bool:
+    """Does the GGUF hold any tensor that is not F32 / F16 / BF16?"""
+    import gguf
+    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+    return any(t.tensor_type not in plain for t in gguf.GGUFReader(str(path)).tensors)
+
+
+def check_amx(llama_cpp, path: Union[str, Path]) -> None:
+    """llama.cpp built with its AMX backend (a native build on a Sapphire-Rapids-class CPU) segfaults in the first
+    matmul of quantized weights (seen here with llama-cpp-python 0.3.36 on every Q8_0 file; upstream
+    ggml-org/llama.cpp#20824): a segfault would take the whole Python process down, so refuse with the fix."""
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    if "AMX_INT8 = 1" in info and not os.environ.get(ALLOW_AMX) and _quantized(path):
+        raise ExportError(f"llama.cpp here is built with its AMX backend, which segfaults on quantized files such "
+                          f"as '{path}' (ggml-org/llama.cpp#20824); reinstall llama-cpp-python built without it: "
+                          f"CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' pip install "
+                          f"--force-reinstall --no-binary llama-cpp-python llama-cpp-python (as `make llamacpp` "
+                          f"does), or set {ALLOW_AMX}=1 to try anyway")
 
 
 def open_gguf(path: Union[str, Path], n_ctx: int = 512, threads: int = 2, logits_all: bool = False,
@@ -28,6 +51,7 @@ def open_gguf(path: Union[str, Path], n_ctx: int = 512, threads: int = 2, logits
         raise ExportError("llama.cpp is not installed: pip install llama-cpp-python (make bench installs it)") from e
     if not Path(path).is_file():
         raise ExportError(f"'{path}' does not exist; write it with pk.export_gguf first")
+    check_amx(llama_cpp, path)
     kw = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if f32_cache else {}
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
