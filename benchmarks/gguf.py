@@ -107,8 +107,9 @@ def recovered(models, dense, tok, tokens, work: Path, tag: str, seq_len=256, onl
     cache = pk.precompute_teacher(dense, pk.data.recovery_texts, work / f"teacher-{tokens}-{seq_len}", tokenizer=tok,
                                   tokens=tokens, seq_len=seq_len, top_k=64, temperature=1.0)
     out = {}
-    for name, m in models.items():
-        if name == "dense" or (only and name not in only):
+    for name in only or models:                       # in the order asked for
+        m = models[name]
+        if name == "dense":
             continue
         saved = work / f"{name}-{tag}-kd{tokens}"
         if (saved / "plan.json").is_file():           # recovered by an earlier run with the same settings
