@@ -5,6 +5,8 @@
 One prune, three calibration sets of 4 x 512 tokens, the same config every time (pk.Structured with first-order
 Taylor importance: one of 3 KV groups and 25% of the FFN per layer, as benchmarks/gguf.py's "width"):
     P&P lines        "Pride and Prejudice" as printed: its lines joined by newlines (a line break every ~70 chars)
+    P&P lines, next windows   the 4 windows after those (is it the form, or which 2k tokens were drawn?)
+    Emma lines       another novel, as printed
     P&P paragraphs   the same book's paragraphs (lines joined by spaces), each followed by a blank line
     recovery paragraphs   pk.data.recovery_texts(): paragraphs of the five non-held-out novels, interleaved by book
 Each pruned model (no recovery) is evaluated on 4 x 512 tokens of the held-out "Persuasion" in both forms.
@@ -42,9 +44,9 @@ def main():
     model, tok = load_model()
     books = pk.data.austen_books()
 
-    def lines(book):
+    def lines(book, skip=0):
         ids = tok("\n".join(books[book]), return_tensors="pt").input_ids[0]
-        return [ids[i * W:(i + 1) * W][None] for i in range(a.windows)]
+        return [ids[(skip + i) * W:(skip + i + 1) * W][None] for i in range(a.windows)]
 
     def paras(docs):
         ids = []
@@ -55,6 +57,8 @@ def main():
         return [torch.tensor(ids[i * W:(i + 1) * W])[None] for i in range(a.windows)]
 
     calibs = {"P&P lines": lines("prideprejudice"),
+              "P&P lines, next windows": lines("prideprejudice", skip=a.windows),
+              "Emma lines": lines("emma"),
               "P&P paragraphs": paras(lm.paragraphs(books["prideprejudice"], min_chars=80)),
               "recovery paragraphs": paras(lm.recovery_texts())}
     evals = {"Persuasion lines": lines("persuasion"),
@@ -73,7 +77,7 @@ def main():
         print(name, rows[name], flush=True)
     result = {"command": "python benchmarks/llm_calibration_text.py " + " ".join(sys.argv[1:]), "rows": rows,
               "windows": a.windows, "window": W, "seconds": time.perf_counter() - t0, "env": environment_info()}
-    print("| calibration (4 x 512 tokens) | " + " | ".join(evals) + " |")
+    print(f"| calibration ({a.windows} x {W} tokens) | " + " | ".join(evals) + " |")
     print("|---|" + "---:|" * len(evals))
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[e]:.1f}" for e in evals) + " |")
