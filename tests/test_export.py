@@ -46,9 +46,12 @@ def test_quantize_int8_rejects_models_without_linear():
 
 def test_export_onnx_verifies_and_times(tmp_path):
     m = _model()
-    r = export_onnx(m, torch.randn(2, 64), str(tmp_path / "m.onnx"), reps=5)
+    x = torch.randn(2, 64)
+    r = export_onnx(m, x, str(tmp_path / "m.onnx"), reps=5)
     assert (tmp_path / "m.onnx").stat().st_size > 64 * 256 * 4
     assert r["max_abs_diff"] <= 1e-4
+    with torch.no_grad():                  # the tolerance scales with the outputs: atol + rtol * max |output|
+        assert r["tolerance"] == pytest.approx(1e-4 + 1e-5 * float(m.eval()(x).abs().max()))
     assert r["torch_ms"] > 0 and r["onnxruntime_ms"] > 0
 
 
