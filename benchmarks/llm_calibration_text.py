@@ -2,7 +2,7 @@
 
     python benchmarks/llm_calibration_text.py --out benchmarks/results/llm_calibration_text.json   (~5 min, 1 thread)
 
-One prune, three calibration sets of 4 x 512 tokens, the same config every time (pk.Structured with first-order
+One prune, five calibration sets of --windows x 512 tokens (default 4), the same config every time (pk.Structured with first-order
 Taylor importance: one of 3 KV groups and 25% of the FFN per layer, as benchmarks/gguf.py's "width"):
     P&P lines        "Pride and Prejudice" as printed: its lines joined by newlines (a line break every ~70 chars)
     P&P lines, next windows   the 4 windows after those (is it the form, or which 2k tokens were drawn?)
@@ -48,21 +48,16 @@ def main():
         ids = tok("\n".join(books[book]), return_tensors="pt").input_ids[0]
         return [ids[(skip + i) * W:(skip + i + 1) * W][None] for i in range(a.windows)]
 
-    def paras(docs):
-        ids = []
-        for d in docs:
-            ids += tok(d + "\n\n", add_special_tokens=False)["input_ids"]
-            if len(ids) >= a.windows * W:
-                break
-        return [torch.tensor(ids[i * W:(i + 1) * W])[None] for i in range(a.windows)]
+    def paras(docs, name):              # documents joined by blank lines, cut into windows (as the LM slices are)
+        return [w[None] for w in lm._windows(docs, tok, W, a.windows, name)]
 
     calibs = {"P&P lines": lines("prideprejudice"),
               "P&P lines, next windows": lines("prideprejudice", skip=a.windows),
               "Emma lines": lines("emma"),
-              "P&P paragraphs": paras(lm.paragraphs(books["prideprejudice"], min_chars=80)),
-              "recovery paragraphs": paras(lm.recovery_texts())}
+              "P&P paragraphs": paras(lm.paragraphs(books["prideprejudice"], min_chars=80), "P&P paragraphs"),
+              "recovery paragraphs": paras(lm.recovery_texts(), "recovery paragraphs")}
     evals = {"Persuasion lines": lines("persuasion"),
-             "Persuasion paragraphs": paras(lm.paragraphs(books["persuasion"], min_chars=80))}
+             "Persuasion paragraphs": paras(lm.paragraphs(books["persuasion"], min_chars=80), "Persuasion paragraphs")}
 
     def ppl(m, ws):
         return pk.evaluate(m, pk.TokenWindows(torch.cat(ws, 1), W, batch_size=1), metric="perplexity").value
