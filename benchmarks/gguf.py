@@ -40,11 +40,12 @@ import torch
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import gguf  # noqa: E402,F401  (the real package is in sys.modules before this folder goes back on the path)
+import llama_cpp  # noqa: E402  (the engine measured; recorded as result['llama_cpp_build'])
 
 import prunekit as pk  # noqa: E402
 from prunekit.export.gguf import export_gguf  # noqa: E402
 from prunekit.measure.env import environment_info  # noqa: E402
-from prunekit.measure.llamacpp import gguf_perplexity, interleaved_speeds  # noqa: E402
+from prunekit.measure.llamacpp import build_info, gguf_perplexity, interleaved_speeds  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parent))
 from smollm2 import load_model, source_gguf  # noqa: E402
@@ -191,7 +192,7 @@ def main():
         models = {n: m for n, m in models.items() if n in a.models}
     result = {"command": "python benchmarks/gguf.py " + " ".join(sys.argv[1:]), "threads": a.threads,
               "window": WINDOW, "calib_windows": a.calib, "heldout_windows": a.windows, "decode_tokens": a.decode,
-              "reps": a.reps, "env": environment_info()}
+              "reps": a.reps, "env": environment_info(), "llama_cpp_build": build_info(llama_cpp)}
     files, rows = {}, []
     for name, m in models.items():                      # 1. export (shapes, bytes, MACs)
         macs = pk.count_macs(m, {"input_ids": held[0]})

@@ -28,13 +28,18 @@ def _quantized(path: Union[str, Path]) -> bool:
     return any(t.tensor_type not in plain for t in gguf.GGUFReader(str(path)).tensors)
 
 
+def build_info(llama_cpp) -> str:
+    """llama.cpp's list of the CPU features it was compiled for ("CPU : AVX2 = 1 | ... | AMX_INT8 = 1 | ...").
+    The build, not only the machine, decides which quantized kernels run."""
+    info = llama_cpp.llama_print_system_info()
+    return (info.decode(errors="replace") if isinstance(info, bytes) else str(info)).strip()
+
+
 def check_amx(llama_cpp, path: Union[str, Path]) -> None:
     """llama.cpp built with its AMX backend (a native build on a Sapphire-Rapids-class CPU) segfaults in the first
     matmul of quantized weights (seen here with llama-cpp-python 0.3.36 on every Q8_0 file; upstream
     ggml-org/llama.cpp#20824): a segfault would take the whole Python process down, so refuse with the fix."""
-    info = llama_cpp.llama_print_system_info()
-    info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
-    if "AMX_INT8 = 1" in info and not os.environ.get(ALLOW_AMX) and _quantized(path):
+    if "AMX_INT8 = 1" in build_info(llama_cpp) and not os.environ.get(ALLOW_AMX) and _quantized(path):
         raise ExportError(f"llama.cpp here is built with its AMX backend, which segfaults on quantized files such "
                           f"as '{path}' (ggml-org/llama.cpp#20824); reinstall llama-cpp-python built without it: "
                           f"CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' pip install "
